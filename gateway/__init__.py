@@ -1,0 +1,11 @@
+"""Session gateway: a Tornado reverse gateway that owns sessions and identity.
+
+Plugins import :data:`hookimpl` from here::
+
+    from gateway import hookimpl
+"""
+
+from gateway.hookspecs import hookimpl
+
+__all__ = ["hookimpl", "__version__"]
+__version__ = "0.1.0"

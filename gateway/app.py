@@ -1,0 +1,183 @@
+"""The gateway: stores, plugins, providers and the Tornado application.
+
+:class:`Gateway` is built from a validated :class:`gateway.config.Config` and
+a plugin manager; :meth:`Gateway.start` opens the stores and sets up the
+providers, :meth:`Gateway.make_app` builds the Tornado application (provider
+and plugin routes first, the gateway's own endpoints, the proxy catch-all
+last) and :meth:`Gateway.stop` releases everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import pluggy
+import tornado.httpclient
+import tornado.web
+
+from gateway import __version__
+from gateway.config import Config, ConfigError, validate_table
+from gateway.errors import GatewayError
+from gateway.handlers import auth as auth_handlers
+from gateway.handlers import proxy as proxy_handlers
+from gateway.plugins import call_hook, get_plugin_manager, maybe_await, plugin_failure, plugin_names
+from gateway.profiles import ProfileStore, open_profile_store
+from gateway.providers import Provider
+from gateway.requestinfo import Principal
+from gateway.routing import Route, RouteTable
+from gateway.sessions import SessionManager, open_session_store
+
+log = logging.getLogger("gateway.app")
+#: Responses are streamed to the client, so the client library need not cap them.
+MAX_STREAMED = 1 << 40
+_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
+
+
+def make_http_client(max_clients: int) -> tornado.httpclient.AsyncHTTPClient:
+    """A pooled keep-alive upstream client: Tornado's libcurl client when
+    pycurl is importable, else Tornado's simple client."""
+    try:
+        from tornado.curl_httpclient import CurlAsyncHTTPClient
+
+        return CurlAsyncHTTPClient(force_instance=True, max_clients=max_clients, max_body_size=MAX_STREAMED)
+    except ImportError:  # pragma: no cover - pycurl is a declared dependency
+        log.warning("pycurl is not installed: upstream connections will not be pooled")
+        return tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=max_clients)
+
+
+class Gateway:
+    def __init__(self, config: Config, pm: pluggy.PluginManager | None = None) -> None:
+        self.config = config
+        self.pm = pm if pm is not None else get_plugin_manager(config.plugins.disabled)
+        self.routes = RouteTable([Route.from_section(r) for r in config.routes])
+        self.session_store = open_session_store(config.sessions)
+        self.profiles: ProfileStore = open_profile_store(config.profiles)
+        s = config.sessions
+        self.sessions = SessionManager(
+            self.session_store,
+            idle_timeout=s.idle_timeout,
+            absolute_timeout=s.absolute_timeout,
+            touch_interval=s.touch_interval,
+            rotation_grace=s.rotation_grace,
+            max_per_user=s.max_per_user,
+            events=self._session_event,
+        )
+        self.providers: dict[str, Provider] = self._build_providers()
+        self.http_client: tornado.httpclient.AsyncHTTPClient | None = None
+
+    # -- set-up ---------------------------------------------------------------
+
+    def _provider_classes(self) -> list[tuple[str, type[Provider]]]:
+        found = []
+        for impl in reversed(self.pm.hook.gateway_providers.get_hookimpls()):
+            try:
+                result = impl.function(**{a: self for a in impl.argnames})
+            except Exception as exc:
+                raise ConfigError([f"plugin {impl.plugin_name!r}: gateway_providers failed: {exc!r}"]) from exc
+            for cls in result or ():
+                found.append((impl.plugin_name, cls))
+        return found
+
+    def _build_providers(self) -> dict[str, Provider]:
+        problems: list[str] = []
+        providers: dict[str, Provider] = {}
+        for plugin, cls in self._provider_classes():
+            if not (isinstance(cls, type) and issubclass(cls, Provider)):
+                problems.append(f"plugin {plugin!r}: gateway_providers must return Provider subclasses, got {cls!r}")
+                continue
+            if not _PROVIDER_NAME.match(cls.name or ""):
+                problems.append(f"plugin {plugin!r}: provider name {cls.name!r} is not a lowercase identifier")
+                continue
+            if cls.name in providers:
+                problems.append(f"providers.{cls.name}: two plugins provide {cls.name!r}")
+                continue
+            settings = validate_table(f"providers.{cls.name}", cls.options,
+                                      self.config.providers.get(cls.name, {}), problems, self.config.environ)
+            providers[cls.name] = cls(self, settings)
+        for name in self.config.providers:
+            if name not in providers:
+                problems.append(f"providers.{name}: no installed plugin provides {name!r}")
+        if problems:
+            raise ConfigError(problems)
+        return providers
+
+    async def start(self) -> None:
+        """Open the stores and set up providers and plugins."""
+        self.http_client = make_http_client(self.config.server.upstream_max_connections)
+        await self.session_store.open()
+        await self.profiles.open()
+        for provider in self.providers.values():
+            await self.call_provider(provider, "setup")
+        await call_hook(self.pm, "gateway_startup", gateway=self)
+        log.info("gateway %s: plugins %s; providers %s; sessions in %s; profiles in %s",
+                 __version__, ", ".join(plugin_names(self.pm)), ", ".join(self.providers) or "none",
+                 self.session_store.name, self.profiles.name)
+
+    async def stop(self) -> None:
+        for provider in self.providers.values():
+            try:
+                await provider.close()
+            except Exception:
+                log.exception("provider %r failed to close", provider.name)
+        if self.http_client is not None:
+            self.http_client.close()
+            self.http_client = None
+        await self.session_store.close()
+        await self.profiles.close()
+
+    def auth_path(self, *parts: str) -> str:
+        """A route pattern under ``auth_prefix`` (parts may be regexes)."""
+        return self.config.server.auth_prefix.rstrip("/") + "/" + "/".join(parts) + "/?"
+
+    def make_app(self, **settings: Any) -> tornado.web.Application:
+        handlers: list[Any] = []
+        for provider in self.providers.values():
+            handlers.extend(provider.handlers())
+        for contributed in self.pm.hook.gateway_handlers(gateway=self):
+            handlers.extend(contributed or ())
+        handlers += auth_handlers.routes(self)
+        handlers += auth_handlers.fallback_routes(self)
+        handlers += proxy_handlers.routes(self)
+        return tornado.web.Application(
+            handlers, gateway=self, default_handler_class=auth_handlers.AuthNotFoundHandler,
+            log_function=self._log_request, compress_response=False, **settings,
+        )
+
+    @staticmethod
+    def _log_request(handler: tornado.web.RequestHandler) -> None:
+        status = handler.get_status()
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        # The path only: query strings may carry secrets (codes, tokens).
+        logging.getLogger("gateway.access").log(
+            level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path,
+            1000.0 * handler.request.request_time(),
+        )
+
+    # -- plugin calls -----------------------------------------------------------
+
+    async def call_provider(self, provider: Provider, method: str, *args: Any) -> Any:
+        """Call a provider method; non-gateway exceptions become a logged 500."""
+        try:
+            return await maybe_await(getattr(provider, method)(*args))
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise plugin_failure(f"provider {provider.name}", method, exc) from exc
+
+    async def authenticate_request(self, request: Any) -> Principal | None:
+        results = await call_hook(self.pm, "gateway_authenticate", request=request, gateway=self)
+        return results[0] if results else None
+
+    async def upstream_headers(self, request: Any, principal: Principal | None, route: Route) -> list[dict[str, str]]:
+        return await call_hook(self.pm, "gateway_upstream_headers", request=request, principal=principal,
+                               route=route, gateway=self)
+
+    async def _session_event(self, hook: str, **kwargs: Any) -> None:
+        """Session events are notifications: a failing listener is logged,
+        never undoes what happened."""
+        try:
+            await call_hook(self.pm, hook, gateway=self, **kwargs)
+        except Exception:
+            log.warning("a %s listener failed; continuing", hook)

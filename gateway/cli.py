@@ -1,0 +1,116 @@
+"""The ``gateway`` command: ``serve`` and ``check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.plugins import PluginError
+
+log = logging.getLogger("gateway")
+
+
+def _load(path: str) -> tuple[Config, "object"]:
+    from gateway.app import Gateway
+
+    config = load_config(path)
+    return config, Gateway(config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config, gw = _load(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except PluginError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK (providers: {', '.join(gw.providers) or 'none'}; "  # type: ignore[attr-defined]
+          f"sessions: {config.sessions.store}; profiles: {config.profiles.store}; routes: {len(config.routes)})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tornado.httpserver import HTTPServer
+    from tornado.netutil import bind_sockets
+    from tornado.process import fork_processes
+
+    from gateway.app import Gateway
+
+    try:
+        config = load_config(args.config)
+        if args.host:
+            config.server.values["host"] = args.host
+        if args.port is not None:
+            config.server.values["port"] = args.port
+        Gateway(config)  # validate providers before binding or forking
+    except (ConfigError, PluginError) as exc:
+        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+        for problem in problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+    sockets = bind_sockets(config.server.port, config.server.host)
+    if config.server.workers > 1:
+        fork_processes(config.server.workers)
+
+    async def run() -> None:
+        gw = Gateway(config)
+        await gw.start()
+        server = HTTPServer(gw.make_app(), max_body_size=config.server.max_body_size + 1,
+                            idle_connection_timeout=60, body_timeout=60)
+        server.add_sockets(sockets)
+        demo = None
+        if args.demo_upstream:
+            from gateway.demo import make_demo_app
+
+            host, _, port = args.demo_upstream.rpartition(":")
+            demo = HTTPServer(make_demo_app())
+            demo.listen(int(port), host or "127.0.0.1")
+            log.info("demo upstream on http://%s", args.demo_upstream)
+        port = sockets[0].getsockname()[1]
+        log.info("listening on http://%s:%d", config.server.host, port)
+        print(f"gateway listening on http://{config.server.host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        server.stop()
+        if demo is not None:
+            demo.stop()
+        await server.close_all_connections()
+        await gw.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="Session gateway")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="TOML configuration file")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port (0 = any free port)")
+    serve.add_argument("--demo-upstream", metavar="HOST:PORT", help="also serve a demo echo upstream here")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check-config", help="validate a configuration file; exit 2 listing every problem")
+    check.add_argument("--config", required=True, help="TOML configuration file")
+    check.set_defaults(func=cmd_check_config)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Configuration: every option declared once, with its type, default and help.
+
+The file is TOML.  Durations take integer seconds or ``"90s"``, ``"30m"``,
+``"12h"``, ``"7d"``; sizes take bytes or ``"10MiB"``.  A secret option
+``key`` may instead be given as ``key_env = "VAR"`` to read it from the
+environment.  Unknown keys and wrong types are errors naming the key; every
+problem is collected so that ``gateway check-config`` can list them all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """One or more configuration problems, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# ---------------------------------------------------------------------------
+# Value types
+# ---------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from an int/float or a string like ``"30m"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, \"90s\", \"30m\", \"12h\" or \"7d\"")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError("expected a duration such as 30, \"90s\", \"30m\", \"12h\" or \"7d\"")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string like ``"10MiB"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ValueError("expected a size such as 1048576 or \"10MiB\"")
+
+
+def _typed(pytype: type, label: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) and pytype is not bool:
+            raise ValueError(f"expected {label}")
+        if pytype is float and isinstance(value, int):
+            return float(value)
+        if not isinstance(value, pytype):
+            raise ValueError(f"expected {label}")
+        return value
+
+    return check
+
+
+def _str_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of strings")
+    return list(value)
+
+
+def _networks(value: Any) -> list[ipaddress._BaseNetwork]:
+    out = []
+    for item in _str_list(value):
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+    return out
+
+
+def _origins(value: Any) -> list[str]:
+    out = []
+    for item in _str_list(value):
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            raise ValueError(f"{item!r} is not an origin such as \"https://app.example.com\"")
+        out.append(f"{parts.scheme}://{parts.netloc}".lower())
+    return out
+
+
+def _http_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a URL string")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError("expected a path starting with \"/\"")
+    return value
+
+
+def _redis_url(value: Any) -> str:
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(repr(c) for c in choices))
+        return value
+
+    return check
+
+
+def at_least(check: Callable[[Any], Any], low: float) -> Callable[[Any], Any]:
+    def bounded(value: Any) -> Any:
+        value = check(value)
+        if value < low:
+            raise ValueError(f"must be at least {low:g}")
+        return value
+
+    return bounded
+
+
+def _port(value: Any) -> int:
+    value = _typed(int, "an integer port")(value)
+    if not 0 <= value <= 65535:
+        raise ValueError("expected a port between 0 and 65535")
+    return value
+
+
+STR = _typed(str, "a string")
+INT = _typed(int, "an integer")
+BOOL = _typed(bool, "true or false")
+NONNEG_INT = at_least(INT, 0)
+DURATION = parse_duration
+POSITIVE_DURATION = at_least(parse_duration, 0.001)
+SIZE = parse_size
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: its name, how to check it, its default, its help."""
+
+    name: str
+    check: Callable[[Any], Any]
+    default: Any
+    help: str
+    secret: bool = False
+    required: bool = False
+
+
+@dataclass
+class Section:
+    """Validated values of one table, read as attributes."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+
+# ---------------------------------------------------------------------------
+# The declared options
+# ---------------------------------------------------------------------------
+
+SERVER = [
+    Option("host", STR, "127.0.0.1", "address to listen on"),
+    Option("port", _port, 8080, "port to listen on"),
+    Option("workers", at_least(INT, 1), 1, "processes to fork (needs a shared session store when above 1)"),
+    Option("auth_prefix", _prefix, "/auth", "path prefix of the gateway's own endpoints"),
+    Option("max_body_size", SIZE, "10MiB", "largest request body accepted (413 beyond)"),
+    Option("trusted_proxies", _networks, [], "peers (IPs or CIDRs) whose X-Forwarded-For and X-Forwarded-Proto are believed"),
+    Option("upstream_max_connections", at_least(INT, 1), 100, "concurrent upstream requests (pooled keep-alive connections)"),
+]
+
+SESSIONS = [
+    Option("store", _choice("memory", "redis"), "memory", "memory (one process only) or redis"),
+    Option("redis_url", _redis_url, "redis://127.0.0.1:6379/0", "Redis URL (redis://, rediss://, unix://)", secret=True),
+    Option("redis_timeout", POSITIVE_DURATION, "0.5s", "socket connect/read timeout for Redis; one retry"),
+    Option("idle_timeout", POSITIVE_DURATION, "30m", "a session unused this long ends"),
+    Option("absolute_timeout", POSITIVE_DURATION, "7d", "a session ends this long after login, whatever its use"),
+    Option("touch_interval", DURATION, "60s", "the idle deadline is pushed forward at most once per interval"),
+    Option("rotation_grace", DURATION, "10s", "an old token still works this long after /refresh"),
+    Option("max_per_user", NONNEG_INT, 0, "sessions per user; 0 = unlimited; beyond it the oldest is revoked"),
+    Option("cookie_name", STR, "gw_session", "name of the session cookie"),
+    Option("cookie_secure", BOOL, True, "mark the cookie Secure (HTTPS only)"),
+    Option("cookie_samesite", _choice("Lax", "Strict", "None"), "Lax", "SameSite attribute of the cookie"),
+    Option("cookie_domain", STR, "", "Domain attribute of the cookie; empty = host-only"),
+    Option("allowed_origins", _origins, [], "origins allowed to send cookie-authenticated unsafe requests"),
+]
+
+PROFILES = [
+    Option("store", _choice("sqlite", "mongodb"), "sqlite", "sqlite (embedded, durable file) or mongodb"),
+    Option("sqlite_path", STR, "var/profiles.db", "SQLite file, relative to the working directory"),
+    Option("mongodb_url", STR, "mongodb://127.0.0.1:27017", "MongoDB connection string", secret=True),
+    Option("mongodb_database", STR, "gateway", "MongoDB database name"),
+    Option("mongodb_timeout", POSITIVE_DURATION, "1s", "MongoDB server selection / operation timeout"),
+]
+
+PLUGINS = [
+    Option("disabled", _str_list, [], "names of installed plugins not to load"),
+]
+
+ROUTE = [
+    Option("prefix", _prefix, None, "path prefix this route serves (longest match wins)", required=True),
+    Option("upstream", _http_url, None, "upstream base URL, e.g. http://127.0.0.1:9000", required=True),
+    Option("auth", _choice("required", "optional", "public"), "required", "required | optional | public"),
+    Option("strip_prefix", BOOL, False, "remove the prefix from the path sent upstream"),
+    Option("connect_timeout", POSITIVE_DURATION, "5s", "upstream connect timeout (504 beyond)"),
+    Option("request_timeout", POSITIVE_DURATION, "30s", "whole upstream request timeout (504 beyond)"),
+    Option("preserve_host", BOOL, False, "send the client's Host header upstream instead of the upstream's"),
+]
+
+SECTIONS: dict[str, list[Option]] = {
+    "server": SERVER,
+    "sessions": SESSIONS,
+    "profiles": PROFILES,
+    "plugins": PLUGINS,
+}
+
+
+def validate_table(
+    where: str, options: Iterable[Option], table: Any, problems: list[str], environ: dict[str, str]
+) -> Section:
+    """Check ``table`` against ``options``; append problems naming ``where.key``."""
+    options = list(options)
+    values: dict[str, Any] = {}
+    if not isinstance(table, dict):
+        problems.append(f"{where}: expected a table")
+        table = {}
+    known = {o.name for o in options} | {o.name + "_env" for o in options if o.secret}
+    for key in table:
+        if key not in known:
+            problems.append(f"{where}.{key}: unknown key")
+    for opt in options:
+        key = f"{where}.{opt.name}"
+        raw = table.get(opt.name)
+        if opt.secret and opt.name + "_env" in table:
+            var = table[opt.name + "_env"]
+            if opt.name in table:
+                problems.append(f"{key}: give either {opt.name} or {opt.name}_env, not both")
+                continue
+            if not isinstance(var, str):
+                problems.append(f"{key}_env: expected the name of an environment variable")
+                continue
+            if var not in environ:
+                problems.append(f"{key}_env: environment variable {var} is not set")
+                continue
+            raw = environ[var]
+        elif opt.name not in table:
+            if opt.required:
+                problems.append(f"{key}: required")
+                continue
+            raw = opt.default
+            if raw is None:
+                values[opt.name] = None
+                continue
+        try:
+            values[opt.name] = opt.check(raw)
+        except ValueError as exc:
+            shown = "" if opt.secret else f" (got {raw!r})"
+            problems.append(f"{key}: {exc}{shown}")
+    return Section(values)
+
+
+@dataclass
+class Config:
+    """The whole validated configuration."""
+
+    server: Section
+    sessions: Section
+    profiles: Section
+    plugins: Section
+    routes: list[Section]
+    providers: dict[str, Any]  # raw tables; validated against each provider's options
+    path: str | None = None
+    environ: dict[str, str] = field(default_factory=dict)
+
+
+def load_config(path: str | None = None, *, data: dict | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read and validate a configuration file (or an already-parsed dict)."""
+    environ = dict(os.environ if environ is None else environ)
+    problems: list[str] = []
+    if data is None:
+        if path is None:
+            data = {}
+        else:
+            try:
+                with open(path, "rb") as fh:
+                    data = tomllib.load(fh)
+            except FileNotFoundError:
+                raise ConfigError([f"{path}: no such file"]) from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    allowed = set(SECTIONS) | {"routes", "providers"}
+    for key in data:
+        if key not in allowed:
+            problems.append(f"{key}: unknown section")
+    sections = {name: validate_table(name, opts, data.get(name, {}), problems, environ) for name, opts in SECTIONS.items()}
+    routes = []
+    raw_routes = data.get("routes", [])
+    if not isinstance(raw_routes, list):
+        problems.append("routes: expected an array of tables ([[routes]])")
+        raw_routes = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_routes):
+        route = validate_table(f"routes[{i}]", ROUTE, raw, problems, environ)
+        prefix = route.get("prefix")
+        if prefix:
+            if prefix in seen:
+                problems.append(f"routes[{i}].prefix: {prefix!r} is used by another route")
+            seen.add(prefix)
+            auth_prefix = sections["server"].get("auth_prefix") or "/auth"
+            if prefix.rstrip("/") == auth_prefix.rstrip("/") or prefix.startswith(auth_prefix.rstrip("/") + "/"):
+                problems.append(f"routes[{i}].prefix: {prefix!r} lies under server.auth_prefix {auth_prefix!r}")
+        routes.append(route)
+    providers = data.get("providers", {})
+    if not isinstance(providers, dict):
+        problems.append("providers: expected a table of [providers.<name>] tables")
+        providers = {}
+    sess = sections["sessions"]
+    if sess.get("store") == "memory" and (sections["server"].get("workers") or 1) > 1:
+        problems.append("sessions.store: \"memory\" holds sessions in one process; use \"redis\" with server.workers > 1")
+    if sess.get("cookie_samesite") == "None" and sess.get("cookie_secure") is False:
+        problems.append("sessions.cookie_samesite: \"None\" requires sessions.cookie_secure = true (browsers reject it otherwise)")
+    if problems:
+        raise ConfigError(problems)
+    return Config(routes=routes, providers=providers, path=path, environ=environ, **sections)
+
+
+def describe_options() -> str:
+    """A Markdown reference of every core option (used to keep the README true)."""
+    lines = []
+    for name, opts in [*SECTIONS.items(), ("[routes]", ROUTE)]:
+        lines.append(f"\n[{name}]" if not name.startswith("[") else f"\n[{name}]")
+        for o in opts:
+            lines.append(f"  {o.name} = {o.default!r}  # {o.help}")
+    return "\n".join(lines)

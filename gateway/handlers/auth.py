@@ -1,0 +1,151 @@
+"""The gateway's own endpoints under ``auth_prefix``: login through any
+provider, refresh, logout, logout everywhere, the current session, the
+session listing and revocation."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import GatewayError, not_found
+from gateway.handlers.base import BaseHandler
+from gateway.providers import LoginResult, Provider
+from gateway.requestinfo import Principal
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.app import Gateway
+
+
+class AuthHandler(BaseHandler):
+    """Shared helpers of the auth endpoints."""
+
+    def check_xsrf_cookie(self) -> None:  # CSRF is handled by check_csrf()
+        pass
+
+    async def user_body(self, principal: Principal) -> dict[str, Any]:
+        user = await self.gateway.profiles.get_user(principal.user_id)
+        return {"id": principal.user_id, "profile": user.profile if user else {}}
+
+    async def start_session(self, result: LoginResult, provider: str, *, status: int = 200) -> None:
+        """Create a fresh session for a successful login and answer with it."""
+        token, session = await self.gateway.sessions.create(
+            result.user.id, provider, ip=self.client_ip,
+            user_agent=self.request.headers.get("User-Agent", ""), data=result.session_data,
+        )
+        self.set_session_cookie(token, session.absolute_expires_at - time.time())
+        self.write_json(
+            {
+                "token": token,
+                "token_type": "Bearer",
+                "expires_at": session.public()["expires_at"],
+                "session": session.public(),
+                "user": {"id": result.user.id, "profile": result.user.profile},
+            },
+            status,
+        )
+
+
+class LoginHandler(AuthHandler):
+    """``POST {auth_prefix}/{provider}/login``."""
+
+    def initialize(self, provider: Provider, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(**kwargs)
+        self.provider = provider
+
+    async def post(self) -> None:
+        body = self.json_body()
+        result = await self.gateway.call_provider(self.provider, "login", self, body)
+        if not isinstance(result, LoginResult):
+            raise GatewayError("internal", "an internal error occurred",
+                               log_message=f"provider {self.provider.name!r} login returned {type(result).__name__}")
+        await self.start_session(result, self.provider.name)
+
+
+class RefreshHandler(AuthHandler):
+    async def post(self) -> None:
+        principal = await self.require_session(allow_superseded=False)
+        assert principal.session is not None
+        try:
+            token, session = await self.gateway.sessions.refresh(principal.session)
+        except LookupError:
+            raise GatewayError("unauthenticated", "the session has ended",
+                               headers={"WWW-Authenticate": 'Bearer realm="gateway"'}) from None
+        self.set_session_cookie(token, session.absolute_expires_at - time.time())
+        self.write_json({"token": token, "token_type": "Bearer", "expires_at": session.public()["expires_at"],
+                         "session": session.public()})
+
+
+class LogoutHandler(AuthHandler):
+    async def post(self) -> None:
+        principal = await self.require_session()
+        assert principal.session is not None
+        await self.gateway.sessions.revoke(principal.session.id, "logout")
+        self.clear_session_cookie()
+        self.set_status(204)
+        self.finish()
+
+
+class LogoutAllHandler(AuthHandler):
+    async def post(self) -> None:
+        principal = await self.require_session()
+        await self.gateway.sessions.revoke_user(principal.user_id, "logout_all")
+        self.clear_session_cookie()
+        self.set_status(204)
+        self.finish()
+
+
+class SessionHandler(AuthHandler):
+    """``GET {auth_prefix}/session``: who am I, and until when."""
+
+    async def get(self) -> None:
+        principal = await self.require_session()
+        assert principal.session is not None
+        self.write_json({"user": await self.user_body(principal), "session": principal.session.public()})
+
+
+class SessionsHandler(AuthHandler):
+    async def get(self) -> None:
+        principal = await self.require_session()
+        sessions = await self.gateway.sessions.list_user(principal.user_id)
+        self.write_json({"sessions": [s.listing(principal.session_id) for s in sessions]})
+
+
+class SessionItemHandler(AuthHandler):
+    async def delete(self, session_id: str) -> None:
+        principal = await self.require_session()
+        target = await self.gateway.sessions.store.get(session_id)
+        if target is None or target.get("user_id") != principal.user_id:
+            raise not_found("no such session")
+        await self.gateway.sessions.revoke(session_id, "revoked")
+        if session_id == principal.session_id:
+            self.clear_session_cookie()
+        self.set_status(204)
+        self.finish()
+
+
+class AuthNotFoundHandler(AuthHandler):
+    """Anything else under ``auth_prefix``: a JSON 404, never proxied."""
+
+    async def prepare(self) -> None:
+        raise not_found(f"no gateway endpoint {self.request.path}")
+
+
+def routes(gateway: "Gateway") -> list[tuple[Any, ...]]:
+    p = gateway.auth_path
+    out: list[tuple[Any, ...]] = [
+        (p("refresh"), RefreshHandler),
+        (p("logout"), LogoutHandler),
+        (p("logout-all"), LogoutAllHandler),
+        (p("session"), SessionHandler),
+        (p("sessions"), SessionsHandler),
+        (p("sessions", r"([A-Za-z0-9_\-]{1,64})"), SessionItemHandler),
+    ]
+    for provider in gateway.providers.values():
+        out.append((p(provider.name, "login"), LoginHandler, {"provider": provider}))
+    return out
+
+
+def fallback_routes(gateway: "Gateway") -> list[tuple[Any, ...]]:
+    prefix = gateway.config.server.auth_prefix.rstrip("/")
+    return [(prefix + r"(?:/.*)?", AuthNotFoundHandler)]
+

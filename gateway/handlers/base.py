@@ -1,0 +1,270 @@
+"""The base request handler: one place that renders errors as JSON, reads
+bounded JSON bodies, finds the caller's session and guards against CSRF.
+
+Every handler of the gateway, and every handler a plugin contributes,
+should subclass :class:`BaseHandler`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import tornado.web
+
+from gateway.errors import GatewayError, error_body_for_status, invalid_request, unauthenticated
+from gateway.requestinfo import Principal
+from gateway.sessions.manager import SupersededToken
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.app import Gateway
+
+log = logging.getLogger("gateway.app")
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_MISSING = object()
+
+
+@tornado.web.stream_request_body
+class BaseHandler(tornado.web.RequestHandler):
+    """Streams the body into memory up to ``server.max_body_size`` (413 beyond)."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+
+    def initialize(self, **kwargs: Any) -> None:
+        self._chunks: list[bytes] = []
+        self._body_size = 0
+        self._token_source: str | None = None
+        self._principal: Principal | None = None
+        self._principal_resolved = False
+
+    @property
+    def gateway(self) -> "Gateway":
+        return self.application.settings["gateway"]
+
+    # -- body ---------------------------------------------------------------
+
+    @property
+    def max_body_size(self) -> int:
+        return self.gateway.config.server.max_body_size
+
+    async def prepare(self) -> None:
+        limit = self.max_body_size
+        length = self.request.headers.get("Content-Length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise invalid_request("Content-Length is not a number") from None
+            if declared > limit:
+                raise self._too_large(limit)
+        self.request.connection.set_max_body_size(limit + 1)  # type: ignore[union-attr]
+
+    def _too_large(self, limit: int) -> GatewayError:
+        return GatewayError("payload_too_large", f"the request body exceeds the {limit}-byte limit")
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size > self.max_body_size:
+            raise self._too_large(self.max_body_size)
+        self._chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
+
+    def json_body(self) -> dict[str, Any]:
+        """The body as a JSON object, or a 400 that says what is wrong."""
+        if not self.body.strip():
+            raise invalid_request("the request body must be a JSON object")
+        ctype = self.request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
+        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+            raise invalid_request(f"expected Content-Type application/json, got {ctype}")
+        try:
+            value = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise invalid_request(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise invalid_request("the request body must be a JSON object")
+        return value
+
+    def field(self, body: dict[str, Any], name: str, kind: type = str, *, default: Any = _MISSING, max_length: int = 4096) -> Any:
+        """``body[name]`` checked to be of ``kind`` (400 naming the field otherwise)."""
+        if name not in body or body[name] is None:
+            if default is _MISSING:
+                raise invalid_request(f"missing field: {name}")
+            return default
+        value = body[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise invalid_request(f"field {name} must be a {_type_name(kind)}")
+        if isinstance(value, str):
+            if len(value) > max_length:
+                raise invalid_request(f"field {name} is longer than {max_length} characters")
+            if value == "" :
+                raise invalid_request(f"field {name} must not be empty")
+        return value
+
+    # -- errors ---------------------------------------------------------------
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GatewayError):
+            body = exc.body()
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+        elif isinstance(exc, tornado.web.HTTPError):
+            body = error_body_for_status(status_code, exc.reason if exc.reason else None)
+        else:
+            body = error_body_for_status(status_code, "an internal error occurred" if status_code >= 500 else None)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        if self.request.method != "HEAD":
+            self.finish(json.dumps(body))
+        else:
+            self.finish()
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, GatewayError):
+            if value.status >= 500 or value.detail:
+                log.warning("%s %s -> %s %s%s", self.request.method, self.request.path, value.status, value.code,
+                            f": {value.detail}" if value.detail else "")
+        elif isinstance(value, tornado.web.HTTPError):
+            log.warning("%s %s -> %s", self.request.method, self.request.path, value.status_code)
+        else:
+            log.error("uncaught exception in %s %s", self.request.method, self.request.path, exc_info=(typ, value, tb))
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+
+    # -- who is calling ---------------------------------------------------------
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address: the peer, or the right-most address in
+        X-Forwarded-For that is not a trusted proxy (only when the peer is one)."""
+        cached = getattr(self, "_client_ip", None)
+        if cached is not None:
+            return cached
+        peer = self.request.remote_ip or ""
+        ip = peer
+        trusted = self.gateway.config.server.trusted_proxies
+        if trusted and _in_networks(peer, trusted):
+            hops = [h.strip() for h in ",".join(self.request.headers.get_list("X-Forwarded-For")).split(",") if h.strip()]
+            for hop in reversed(hops):
+                ip = hop
+                if not _in_networks(hop, trusted):
+                    break
+        self._client_ip = ip
+        return ip
+
+    @property
+    def peer_is_trusted(self) -> bool:
+        trusted = self.gateway.config.server.trusted_proxies
+        return bool(trusted) and _in_networks(self.request.remote_ip or "", trusted)
+
+    @property
+    def client_scheme(self) -> str:
+        if self.peer_is_trusted:
+            proto = self.request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+            if proto in ("http", "https"):
+                return proto
+        return self.request.protocol
+
+    def session_token(self) -> str | None:
+        """The gateway token this request presents (Bearer first, then cookie)."""
+        auth = self.request.headers.get("Authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip().startswith("gws_"):
+            self._token_source = "bearer"
+            return value.strip()
+        cookie = self.get_cookie(self.gateway.config.sessions.cookie_name)
+        if cookie:
+            self._token_source = "cookie"
+            return cookie
+        return None
+
+    async def get_principal(self, *, allow_superseded: bool = True) -> Principal | None:
+        """Who is calling: a session, else whatever a plugin's
+        ``gateway_authenticate`` says.  Store outages raise 503."""
+        if self._principal_resolved:
+            return self._principal
+        token = self.session_token()
+        principal = None
+        if token:
+            try:
+                session = await self.gateway.sessions.authenticate(token, ip=self.client_ip, allow_superseded=allow_superseded)
+            except SupersededToken:
+                raise unauthenticated("this token was already refreshed; use the newer token") from None
+            if session is not None:
+                principal = Principal(user_id=session.user_id, provider=session.provider, session=session)
+        if principal is None and not (token and self._token_source == "bearer"):
+            principal = await self.gateway.authenticate_request(self.request)
+        self._principal, self._principal_resolved = principal, True
+        return principal
+
+    async def require_session(self, **kwargs: Any) -> Principal:
+        principal = await self.get_principal(**kwargs)
+        if principal is None or principal.session is None:
+            raise unauthenticated()
+        self.check_csrf()
+        return principal
+
+    def check_csrf(self) -> None:
+        """A cookie-authenticated unsafe request needs an allowed Origin (or
+        Referer), the same origin as the gateway, or X-Requested-With."""
+        if self._token_source != "cookie" or self.request.method not in UNSAFE_METHODS:
+            return
+        if self.request.headers.get("X-Requested-With"):
+            return
+        origin = self.request.headers.get("Origin")
+        if not origin or origin == "null":
+            referer = self.request.headers.get("Referer")
+            if referer:
+                parts = urlsplit(referer)
+                origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
+        if origin:
+            origin = origin.lower()
+            own = f"{self.client_scheme}://{self.request.host}".lower()
+            if origin == own or origin in self.gateway.config.sessions.allowed_origins:
+                return
+        raise GatewayError(
+            "csrf",
+            "a cookie-authenticated request must come from an allowed Origin or carry X-Requested-With",
+        )
+
+    # -- cookies ----------------------------------------------------------------
+
+    def set_session_cookie(self, token: str, max_age: float) -> None:
+        s = self.gateway.config.sessions
+        self.set_cookie(
+            s.cookie_name, token, path="/", httponly=True, secure=s.cookie_secure,
+            samesite=s.cookie_samesite, max_age=int(max_age), domain=s.cookie_domain or None,
+        )
+
+    def clear_session_cookie(self) -> None:
+        s = self.gateway.config.sessions
+        self.clear_cookie(s.cookie_name, path="/", domain=s.cookie_domain or None,
+                          httponly=True, secure=s.cookie_secure, samesite=s.cookie_samesite)
+
+    def write_json(self, value: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(value, ensure_ascii=False))
+
+
+def _in_networks(address: str, networks: list) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def _type_name(kind: type) -> str:
+    return {str: "string", int: "integer", bool: "boolean", dict: "JSON object", list: "JSON array"}.get(kind, kind.__name__)

@@ -1,0 +1,254 @@
+"""The reverse proxy: everything not under ``auth_prefix`` goes upstream.
+
+Identity travels upstream only in headers the gateway sets itself; every
+incoming variant of those names (any case, ``_`` or ``-``) is dropped first,
+and the gateway's own credential (its cookie, a Bearer session token) is
+never passed on.  The upstream's response is streamed back as it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import tornado.httpclient
+import tornado.httputil
+import tornado.iostream
+
+from gateway.errors import GatewayError, invalid_request, not_found, unauthenticated
+from gateway.handlers.base import BaseHandler
+from gateway.requestinfo import Principal
+from gateway.routing import Route
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gateway.app import Gateway
+
+log = logging.getLogger("gateway.proxy")
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+})
+#: Header names only the gateway may set (compared after lower-casing and ``_`` -> ``-``).
+IDENTITY_HEADERS = ("X-User-Id", "X-Auth-Provider", "X-Session-Id", "X-Auth-Scopes")
+GATEWAY_OWNED = frozenset(h.lower() for h in IDENTITY_HEADERS) | {
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "forwarded",
+    "x-real-ip",
+}
+#: Never forwarded: recomputed by the client library or meaningless after buffering.
+DROPPED = frozenset({"host", "content-length", "expect"})
+#: Content-Length is kept: the body is relayed byte for byte (no decompression).
+RESPONSE_DROPPED = HOP_BY_HOP
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+
+
+def canonical(name: str) -> str:
+    """How Django, Flask or PHP see a header name: case and ``_``/``-`` folded."""
+    return name.lower().replace("_", "-")
+
+
+class ProxyHandler(BaseHandler):
+    """Catch-all: route, authenticate, forward, stream back."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+
+    def check_xsrf_cookie(self) -> None:
+        pass
+
+    def compute_etag(self) -> None:
+        return None  # the upstream's ETag, if any, is relayed as is
+
+    async def _handle(self, *args: Any) -> None:
+        path = self.request.path
+        if _DOT_SEGMENT.search(unquote(path)):
+            raise invalid_request("the path must not contain . or .. segments")
+        route = self.gateway.routes.match(path)
+        if route is None:
+            raise not_found(f"no route for {path}")
+        principal: Principal | None = None
+        if route.auth != "public":
+            principal = await self.get_principal()
+            if principal is None and route.auth == "required":
+                raise unauthenticated()
+            if principal is not None:
+                self.check_csrf()
+        await self.forward(route, principal)
+
+    get = head = post = delete = patch = put = options = _handle
+
+    def upstream_request_headers(self, route: Route, principal: Principal | None) -> tornado.httputil.HTTPHeaders:
+        incoming = self.request.headers
+        connection_listed = {canonical(t.strip()) for v in incoming.get_list("Connection") for t in v.split(",")}
+        strip = {canonical(h) for h in (principal.headers_to_strip if principal else ())}
+        out = tornado.httputil.HTTPHeaders()
+        cookie_name = self.gateway.config.sessions.cookie_name
+        for name, value in incoming.get_all():
+            key = canonical(name)
+            if key in HOP_BY_HOP or key in connection_listed or key in GATEWAY_OWNED or key in DROPPED or key in strip:
+                continue
+            if key == "authorization" and value.split(" ", 1)[-1].strip().startswith("gws_"):
+                continue
+            if key == "cookie":
+                value = _without_cookie(value, cookie_name)
+                if not value:
+                    continue
+            out.add(name, value)
+        # X-Forwarded-*: extend a trusted proxy's chain, else start one.
+        prior = ",".join(incoming.get_list("X-Forwarded-For")) if self.peer_is_trusted else ""
+        peer = self.request.remote_ip or ""
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior.strip() else peer
+        out["X-Forwarded-Proto"] = self.client_scheme
+        forwarded_host = incoming.get("X-Forwarded-Host") if self.peer_is_trusted else None
+        out["X-Forwarded-Host"] = forwarded_host or self.request.host
+        out["X-Request-Id"] = self.request_id
+        out["Host"] = self.request.host if route.preserve_host else route.upstream_host
+        if principal is not None:
+            out["X-User-Id"] = principal.user_id
+            out["X-Auth-Provider"] = principal.provider
+            if principal.session is not None:
+                out["X-Session-Id"] = principal.session.id
+            if principal.scopes is not None:
+                out["X-Auth-Scopes"] = " ".join(principal.scopes)
+        return out
+
+    @property
+    def request_id(self) -> str:
+        rid = getattr(self, "_request_id", None)
+        if rid is None:
+            given = self.request.headers.get("X-Request-Id", "")
+            rid = given if _REQUEST_ID.match(given) else secrets.token_hex(16)
+            self._request_id = rid
+        return rid
+
+    async def forward(self, route: Route, principal: Principal | None) -> None:
+        headers = self.upstream_request_headers(route, principal)
+        for extra in await self.gateway.upstream_headers(self.request, principal, route):
+            for name, value in extra.items():
+                if canonical(name) not in GATEWAY_OWNED and canonical(name) not in HOP_BY_HOP:
+                    headers[name] = value
+        method = self.request.method or "GET"
+        body = self.body
+        upstream_response = _ResponseRelay(self)
+        request = tornado.httpclient.HTTPRequest(
+            route.upstream_url(self.request.path, self.request.query),
+            method=method,
+            headers=headers,
+            body=body if (body or method in ("POST", "PUT", "PATCH")) else None,
+            connect_timeout=route.connect_timeout,
+            request_timeout=route.request_timeout,
+            follow_redirects=False,
+            decompress_response=False,
+            allow_nonstandard_methods=True,
+            header_callback=upstream_response.on_header_line,
+            streaming_callback=upstream_response.on_chunk,
+        )
+        self.set_header("X-Request-Id", self.request_id)
+        try:
+            response = await self.gateway.http_client.fetch(request, raise_error=False)
+        except tornado.httpclient.HTTPClientError as exc:
+            response = getattr(exc, "response", None)
+            if response is None or response.code == 599:
+                raise self._upstream_failure(route, exc) from None
+        except (OSError, tornado.iostream.StreamClosedError) as exc:
+            raise self._upstream_failure(route, exc) from None
+        if response.code == 599:
+            raise self._upstream_failure(route, response.error)
+        if not upstream_response.lines:
+            raise self._upstream_failure(route, ValueError("no response headers"))
+        upstream_response.drain()
+        if not upstream_response.failed_client:
+            self.finish()
+
+    def _upstream_failure(self, route: Route, exc: BaseException | None) -> GatewayError:
+        if self._headers_written:
+            # Part of the response already went out: all we can do is cut it short.
+            self.request.connection.close()  # type: ignore[union-attr]
+            return GatewayError("bad_gateway", "the upstream failed mid-response",
+                                log_message=f"upstream {route.upstream} failed mid-response: {exc!r}")
+        text = repr(exc)
+        timed_out = getattr(exc, "errno", None) == 28 or "Timeout" in type(exc).__name__ or "timed out" in text.lower() or "timeout" in text.lower()
+        if timed_out:
+            return GatewayError("gateway_timeout", f"the upstream for {route.prefix} did not answer in time",
+                                log_message=f"upstream {route.upstream} timed out: {exc!r}")
+        return GatewayError("bad_gateway", f"the upstream for {route.prefix} could not be reached",
+                            log_message=f"upstream {route.upstream} failed: {exc!r}")
+
+
+class _ResponseRelay:
+    """Turns the upstream's header lines and body chunks into our response.
+
+    The client library may hand over a body chunk before the header lines
+    have been delivered, so chunks wait in a queue until the headers of the
+    final (non-1xx) response are complete.
+    """
+
+    def __init__(self, handler: ProxyHandler) -> None:
+        self.handler = handler
+        self.lines: list[str] = []
+        self.headers_done = False
+        self.started = False
+        self.pending: list[bytes] = []
+        self.failed_client = False
+
+    def on_header_line(self, line: str) -> None:
+        if line.startswith("HTTP/"):
+            self.lines = [line]  # a new response (after a 1xx): start over
+            self.headers_done = False
+        elif line.strip():
+            self.lines.append(line)
+        elif self.lines:
+            code = tornado.httputil.parse_response_start_line(self.lines[0].strip()).code
+            if code >= 200:
+                self.headers_done = True
+                self.drain()
+
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        h = self.handler
+        first = tornado.httputil.parse_response_start_line(self.lines[0].strip())
+        h.set_status(first.code, first.reason or "Unknown")
+        headers = tornado.httputil.HTTPHeaders.parse("".join(self.lines[1:]))
+        for name in ("Content-Type", "Date", "Server"):
+            h.clear_header(name)
+        for name, value in headers.get_all():
+            key = canonical(name)
+            if key in RESPONSE_DROPPED or (key == "content-length" and first.code == 204):
+                continue
+            h.add_header(name, value)
+
+    def on_chunk(self, chunk: bytes) -> None:
+        self.pending.append(chunk)
+        if self.headers_done:
+            self.drain()
+
+    def drain(self) -> None:
+        self.start()
+        h = self.handler
+        chunks, self.pending = self.pending, []
+        if self.failed_client or h.request.method == "HEAD" or h.get_status() in (204, 304):
+            return
+        for chunk in chunks:
+            h.write(chunk)
+        if chunks:
+            h.flush().add_done_callback(self._flushed)
+
+    def _flushed(self, fut: Any) -> None:
+        if fut.exception() is not None:
+            self.failed_client = True
+
+
+def _without_cookie(header: str, name: str) -> str:
+    """The Cookie header minus the gateway's own cookie."""
+    parts = [p.strip() for p in header.split(";")]
+    return "; ".join(p for p in parts if p and p.split("=", 1)[0].strip() != name)
+
+
+def routes(gateway: "Gateway") -> list[tuple[Any, ...]]:
+    return [(r".*", ProxyHandler)]
+

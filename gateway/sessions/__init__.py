@@ -1,0 +1,17 @@
+"""Sessions: the manager and its stores."""
+
+from gateway.sessions.base import SessionStore
+from gateway.sessions.manager import Session, SessionManager, hash_token
+
+__all__ = ["Session", "SessionManager", "SessionStore", "hash_token", "open_session_store"]
+
+
+def open_session_store(settings) -> SessionStore:
+    """Build (not yet open) the store named by the ``[sessions]`` section."""
+    if settings["store"] == "redis":
+        from gateway.sessions.redis import RedisSessionStore
+
+        return RedisSessionStore(settings["redis_url"], timeout=settings["redis_timeout"])
+    from gateway.sessions.memory import MemorySessionStore
+
+    return MemorySessionStore()

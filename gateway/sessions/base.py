@@ -1,0 +1,79 @@
+"""The session store contract, shared by the Redis and in-memory stores.
+
+A stored session is a JSON-able dict (see :class:`gateway.sessions.manager.Session`)
+with at least ``id``, ``user_id``, ``token_hash`` and ``prev_token_hash``.
+The store indexes it three ways: by session id, by the SHA-256 of each live
+token (never by the token itself), and by user (for listings, "logout
+everywhere" and ``max_per_user``).  Every record and index entry carries a TTL
+so expired sessions vanish on their own.
+
+Every method may raise :class:`gateway.errors.StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+Record = dict[str, Any]
+
+
+class SessionStore(abc.ABC):
+    name: str = ""
+    #: True when several processes can share the store.
+    shared: bool = False
+
+    async def open(self) -> None:
+        """Connect (may be lazy)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def create(self, record: Record, ttl: float, max_per_user: int) -> list[Record]:
+        """Store a new session under its id and ``record["token_hash"]``.
+        When ``max_per_user`` > 0 and the user now has more live sessions,
+        delete the oldest ones and return them."""
+
+    @abc.abstractmethod
+    async def lookup(self, token_hash: str) -> Record | None:
+        """The session that a token hash (current or previous) points at."""
+
+    @abc.abstractmethod
+    async def get(self, session_id: str) -> Record | None:
+        """The session with this id."""
+
+    @abc.abstractmethod
+    async def save(self, record: Record, ttl: float) -> bool:
+        """Overwrite an *existing* session and extend its TTL (and its current
+        token's).  Returns False, writing nothing, if it no longer exists, so
+        a revoked session is never brought back."""
+
+    @abc.abstractmethod
+    async def rotate(self, record: Record, ttl: float, grace: float) -> bool:
+        """Save ``record`` whose ``token_hash`` is new and whose
+        ``prev_token_hash`` is the old one: index the new hash, let the old one
+        live ``grace`` more seconds.  False if the session no longer exists."""
+
+    @abc.abstractmethod
+    async def delete(self, session_id: str) -> Record | None:
+        """Remove a session and its token index entries; return it."""
+
+    @abc.abstractmethod
+    async def list_user(self, user_id: str) -> list[Record]:
+        """The user's live sessions, oldest first."""
+
+    # -- counters (login failures, rate limits), shared across processes ----
+
+    @abc.abstractmethod
+    async def hit(self, key: str, window: float) -> tuple[int, float]:
+        """Count one event in a fixed window started by the first hit;
+        return ``(count, seconds until the window ends)``."""
+
+    @abc.abstractmethod
+    async def peek(self, key: str) -> tuple[int, float]:
+        """``(count, seconds left)`` without counting; ``(0, 0)`` when none."""
+
+    @abc.abstractmethod
+    async def clear(self, key: str) -> None:
+        """Forget a counter."""

@@ -1,0 +1,221 @@
+"""Session lifecycle: creation, lookup with idle/absolute timeouts, touch,
+token rotation, revocation and listing.
+
+A token is 256 bits from :mod:`secrets`; the store only ever sees its
+SHA-256, so a dump of the store holds no usable token.  Each session also has
+a non-secret id, used in listings and upstream headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+
+from gateway.sessions.base import Record, SessionStore
+
+log = logging.getLogger("gateway.sessions")
+
+TOKEN_PREFIX = "gws_"
+
+EventSink = Callable[..., Awaitable[None]]
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Session:
+    id: str
+    user_id: str
+    provider: str
+    created_at: float
+    last_seen_at: float
+    expires_at: float
+    absolute_expires_at: float
+    token_hash: str
+    ip: str = ""
+    user_agent: str = ""
+    prev_token_hash: str | None = None
+    prev_token_expires_at: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: Record) -> "Session":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+    def to_record(self) -> Record:
+        return asdict(self)
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /session`` shows."""
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "absolute_expires_at": iso(self.absolute_expires_at),
+        }
+
+    def listing(self, current_id: str | None) -> dict[str, Any]:
+        """What ``GET /sessions`` shows for one entry."""
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "created_at": iso(self.created_at),
+            "last_seen_at": iso(self.last_seen_at),
+            "expires_at": iso(self.expires_at),
+            "ip": self.ip,
+            "user_agent": self.user_agent,
+            "current": self.id == current_id,
+        }
+
+
+class SupersededToken(Exception):
+    """The token was replaced by ``/refresh`` (still in its grace period)."""
+
+
+class SessionManager:
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        idle_timeout: float,
+        absolute_timeout: float,
+        touch_interval: float,
+        rotation_grace: float,
+        max_per_user: int = 0,
+        events: EventSink | None = None,
+    ) -> None:
+        self.store = store
+        self.idle_timeout = idle_timeout
+        self.absolute_timeout = absolute_timeout
+        self.touch_interval = touch_interval
+        self.rotation_grace = rotation_grace
+        self.max_per_user = max_per_user
+        self._events = events
+
+    async def _emit(self, hook: str, **kwargs: Any) -> None:
+        if self._events is not None:
+            await self._events(hook, **kwargs)
+
+    def _ttl(self, s: Session, now: float) -> float:
+        return max(0.001, min(s.expires_at, s.absolute_expires_at) - now)
+
+    async def create(
+        self, user_id: str, provider: str, *, ip: str = "", user_agent: str = "", data: dict[str, Any] | None = None
+    ) -> tuple[str, Session]:
+        """A brand-new session (never a reused one) and its token."""
+        now = time.time()
+        token = new_token()
+        absolute = now + self.absolute_timeout
+        session = Session(
+            id="s_" + secrets.token_urlsafe(12),
+            user_id=user_id,
+            provider=provider,
+            created_at=now,
+            last_seen_at=now,
+            expires_at=min(now + self.idle_timeout, absolute),
+            absolute_expires_at=absolute,
+            token_hash=hash_token(token),
+            ip=ip,
+            user_agent=user_agent[:512],
+            data=data or {},
+        )
+        evicted = await self.store.create(session.to_record(), self._ttl(session, now), self.max_per_user)
+        await self._emit("gateway_session_created", session=session)
+        for record in evicted:
+            await self._emit("gateway_session_revoked", session=Session.from_record(record), reason="max_per_user")
+        return token, session
+
+    async def authenticate(self, token: str, *, ip: str | None = None, allow_superseded: bool = True) -> Session | None:
+        """The live session this token opens, touched if due; else ``None``.
+
+        Raises :class:`SupersededToken` for a token in its rotation grace
+        period when ``allow_superseded`` is false.
+        """
+        if not token or len(token) > 512:
+            return None
+        token_hash = hash_token(token)
+        record = await self.store.lookup(token_hash)
+        if record is None:
+            return None
+        session = Session.from_record(record)
+        now = time.time()
+        if now >= session.expires_at or now >= session.absolute_expires_at:
+            return None
+        if not hmac.compare_digest(session.token_hash, token_hash):
+            previous = session.prev_token_hash or ""
+            if not (hmac.compare_digest(previous, token_hash) and now < session.prev_token_expires_at):
+                return None
+            if not allow_superseded:
+                raise SupersededToken()
+        if now - session.last_seen_at >= self.touch_interval:
+            session.last_seen_at = now
+            session.expires_at = min(now + self.idle_timeout, session.absolute_expires_at)
+            if ip:
+                session.ip = ip
+            if not await self.store.save(session.to_record(), self._ttl(session, now)):
+                return None
+        return session
+
+    async def refresh(self, session: Session) -> tuple[str, Session]:
+        """Rotate the token; the old one keeps working ``rotation_grace``
+        seconds.  The absolute deadline does not move."""
+        previous = Session.from_record(session.to_record())
+        now = time.time()
+        token = new_token()
+        session.prev_token_hash = session.token_hash
+        session.prev_token_expires_at = now + self.rotation_grace
+        session.token_hash = hash_token(token)
+        session.last_seen_at = now
+        session.expires_at = min(now + self.idle_timeout, session.absolute_expires_at)
+        if not await self.store.rotate(session.to_record(), self._ttl(session, now), self.rotation_grace):
+            raise LookupError("session ended")
+        await self._emit("gateway_session_refreshed", session=session, previous_session=previous)
+        return token, session
+
+    async def update_data(self, session: Session, data: dict[str, Any]) -> bool:
+        """Merge provider data into a live session (e.g. a new WeChat key)."""
+        session.data.update(data)
+        return await self.store.save(session.to_record(), self._ttl(session, time.time()))
+
+    async def revoke(self, session_id: str, reason: str) -> Session | None:
+        record = await self.store.delete(session_id)
+        if record is None:
+            return None
+        session = Session.from_record(record)
+        await self._emit("gateway_session_revoked", session=session, reason=reason)
+        return session
+
+    async def list_user(self, user_id: str) -> list[Session]:
+        now = time.time()
+        sessions = [Session.from_record(r) for r in await self.store.list_user(user_id)]
+        return [s for s in sessions if now < s.expires_at and now < s.absolute_expires_at]
+
+    async def revoke_user(self, user_id: str, reason: str, *, keep: str | None = None) -> list[Session]:
+        """Revoke every session of the user except ``keep``."""
+        revoked = []
+        for record in await self.store.list_user(user_id):
+            if record["id"] != keep:
+                gone = await self.revoke(record["id"], reason)
+                if gone is not None:
+                    revoked.append(gone)
+        return revoked

@@ -1,0 +1,130 @@
+"""In-memory session store: for a one-process trial and for tests.
+
+Same contract as the Redis store (one contract test suite runs on both);
+state lives in this process only, so it is a configuration error to use it
+with more than one worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+from gateway.sessions.base import Record, SessionStore
+
+
+class MemorySessionStore(SessionStore):
+    name = "memory"
+    shared = False
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, tuple[Record, float]] = {}
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._users: dict[str, dict[str, float]] = {}
+        self._counters: dict[str, tuple[int, float]] = {}
+
+    def _live_session(self, session_id: str) -> Record | None:
+        item = self._sessions.get(session_id)
+        if item is None:
+            return None
+        record, deadline = item
+        if deadline <= time.time():
+            self._drop(record)
+            return None
+        return record
+
+    def _drop(self, record: Record) -> None:
+        self._sessions.pop(record["id"], None)
+        for key in ("token_hash", "prev_token_hash"):
+            h = record.get(key)
+            if h and self._tokens.get(h, ("",))[0] == record["id"]:
+                self._tokens.pop(h, None)
+        users = self._users.get(record["user_id"])
+        if users is not None:
+            users.pop(record["id"], None)
+            if not users:
+                self._users.pop(record["user_id"], None)
+
+    async def create(self, record: Record, ttl: float, max_per_user: int) -> list[Record]:
+        deadline = time.time() + ttl
+        self._sessions[record["id"]] = (copy.deepcopy(record), deadline)
+        self._tokens[record["token_hash"]] = (record["id"], deadline)
+        self._users.setdefault(record["user_id"], {})[record["id"]] = record["created_at"]
+        evicted: list[Record] = []
+        if max_per_user > 0:
+            live = await self.list_user(record["user_id"])
+            for old in live[: max(0, len(live) - max_per_user)]:
+                gone = await self.delete(old["id"])
+                if gone is not None:
+                    evicted.append(gone)
+        return evicted
+
+    async def lookup(self, token_hash: str) -> Record | None:
+        item = self._tokens.get(token_hash)
+        if item is None:
+            return None
+        session_id, deadline = item
+        if deadline <= time.time():
+            self._tokens.pop(token_hash, None)
+            return None
+        record = self._live_session(session_id)
+        return copy.deepcopy(record) if record is not None else None
+
+    async def get(self, session_id: str) -> Record | None:
+        record = self._live_session(session_id)
+        return copy.deepcopy(record) if record is not None else None
+
+    async def save(self, record: Record, ttl: float) -> bool:
+        if self._live_session(record["id"]) is None:
+            return False
+        deadline = time.time() + ttl
+        self._sessions[record["id"]] = (copy.deepcopy(record), deadline)
+        self._tokens[record["token_hash"]] = (record["id"], deadline)
+        return True
+
+    async def rotate(self, record: Record, ttl: float, grace: float) -> bool:
+        if not await self.save(record, ttl):
+            return False
+        old = record.get("prev_token_hash")
+        if old:
+            if grace > 0:
+                self._tokens[old] = (record["id"], time.time() + min(grace, ttl))
+            else:
+                self._tokens.pop(old, None)
+        return True
+
+    async def delete(self, session_id: str) -> Record | None:
+        record = self._live_session(session_id)
+        if record is None:
+            return None
+        self._drop(record)
+        return copy.deepcopy(record)
+
+    async def list_user(self, user_id: str) -> list[Record]:
+        ids = sorted(self._users.get(user_id, {}).items(), key=lambda kv: kv[1])
+        out = []
+        for session_id, _ in ids:
+            record = self._live_session(session_id)
+            if record is not None:
+                out.append(copy.deepcopy(record))
+        return out
+
+    async def hit(self, key: str, window: float) -> tuple[int, float]:
+        now = time.time()
+        count, end = self._counters.get(key, (0, 0.0))
+        if end <= now:
+            count, end = 0, now + window
+        count += 1
+        self._counters[key] = (count, end)
+        return count, end - now
+
+    async def peek(self, key: str) -> tuple[int, float]:
+        now = time.time()
+        count, end = self._counters.get(key, (0, 0.0))
+        if end <= now:
+            self._counters.pop(key, None)
+            return 0, 0.0
+        return count, end - now
+
+    async def clear(self, key: str) -> None:
+        self._counters.pop(key, None)

@@ -1,0 +1,225 @@
+"""Redis session store (``redis.asyncio``), for production and several processes.
+
+Keys (``gw:`` prefix): ``s:<id>`` the session JSON, ``t:<sha256 of token>``
+the session id, ``u:<user id>`` a sorted set of the user's session ids by
+creation time, ``c:<name>`` counters.  Every key carries a TTL.  Operations
+that touch several keys run as Lua scripts, so they are atomic and cost one
+round trip.
+
+Connection failures surface quickly (short socket timeouts, at most one
+retry) as :class:`gateway.errors.StoreUnavailable`; the client reconnects on
+its own when Redis is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from gateway.errors import StoreUnavailable
+from gateway.sessions.base import Record, SessionStore
+
+log = logging.getLogger("gateway.sessions")
+PREFIX = "gw:"
+
+_CREATE = """
+local p = ARGV[5]
+redis.call('SET', p..'s:'..ARGV[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', p..'t:'..ARGV[6], ARGV[1], 'PX', ARGV[3])
+local ukey = p..'u:'..ARGV[7]
+redis.call('ZADD', ukey, ARGV[8], ARGV[1])
+if redis.call('PTTL', ukey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', ukey, ARGV[3]) end
+local live = {}
+for _, sid in ipairs(redis.call('ZRANGE', ukey, 0, -1)) do
+  if redis.call('EXISTS', p..'s:'..sid) == 1 then table.insert(live, sid) else redis.call('ZREM', ukey, sid) end
+end
+local evicted = {}
+local max = tonumber(ARGV[4])
+if max > 0 and #live > max then
+  for i = 1, #live - max do
+    local sid = live[i]
+    local raw = redis.call('GET', p..'s:'..sid)
+    redis.call('DEL', p..'s:'..sid)
+    redis.call('ZREM', ukey, sid)
+    if raw then
+      local rec = cjson.decode(raw)
+      if type(rec.token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.token_hash) end
+      if type(rec.prev_token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.prev_token_hash) end
+      table.insert(evicted, raw)
+    end
+  end
+end
+return evicted
+"""
+
+_LOOKUP = """
+local sid = redis.call('GET', KEYS[1])
+if not sid then return false end
+return redis.call('GET', ARGV[1]..'s:'..sid)
+"""
+
+_SAVE = """
+local p = ARGV[4]
+local ok = redis.call('SET', p..'s:'..ARGV[1], ARGV[2], 'PX', ARGV[3], 'XX')
+if not ok then return 0 end
+redis.call('SET', p..'t:'..ARGV[5], ARGV[1], 'PX', ARGV[3])
+if ARGV[6] ~= '' then
+  if tonumber(ARGV[7]) > 0 then
+    redis.call('PEXPIRE', p..'t:'..ARGV[6], ARGV[7])
+  else
+    redis.call('DEL', p..'t:'..ARGV[6])
+  end
+end
+return 1
+"""
+
+_DELETE = """
+local p = ARGV[1]
+local raw = redis.call('GET', p..'s:'..ARGV[2])
+if not raw then return false end
+redis.call('DEL', p..'s:'..ARGV[2])
+local rec = cjson.decode(raw)
+if type(rec.token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.token_hash) end
+if type(rec.prev_token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.prev_token_hash) end
+if type(rec.user_id) == 'string' then redis.call('ZREM', p..'u:'..rec.user_id, ARGV[2]) end
+return raw
+"""
+
+_HIT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('PTTL', KEYS[1])}
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class RedisSessionStore(SessionStore):
+    name = "redis"
+    shared = True
+
+    def __init__(self, url: str, timeout: float = 0.5, prefix: str = PREFIX) -> None:
+        self._url = url
+        self._timeout = timeout
+        self._prefix = prefix
+        self._client: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+
+    async def open(self) -> None:
+        self._client = aioredis.from_url(
+            self._url,
+            socket_connect_timeout=self._timeout,
+            socket_timeout=self._timeout,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_timeout=True,
+            health_check_interval=30,
+            decode_responses=True,
+        )
+        for name, src in (("create", _CREATE), ("lookup", _LOOKUP), ("save", _SAVE), ("delete", _DELETE), ("hit", _HIT)):
+            self._scripts[name] = self._client.register_script(src)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise StoreUnavailable("session store", log_message="redis store used before open()")
+        return self._client
+
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._scripts[script](keys=keys, args=args, client=self.client)
+        except RedisError as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        # The exception text names host and port, never the password.
+        return StoreUnavailable("session store", log_message=f"redis: {type(exc).__name__}: {exc}")
+
+    async def create(self, record: Record, ttl: float, max_per_user: int) -> list[Record]:
+        p = self._prefix
+        raw = await self._run(
+            "create",
+            [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}", f"{p}u:{record['user_id']}"],
+            [record["id"], json.dumps(record), _ms(ttl), max_per_user, p,
+             record["token_hash"], record["user_id"], record["created_at"]],
+        )
+        return [json.loads(r) for r in raw or []]
+
+    async def lookup(self, token_hash: str) -> Record | None:
+        raw = await self._run("lookup", [f"{self._prefix}t:{token_hash}"], [self._prefix])
+        return json.loads(raw) if raw else None
+
+    async def get(self, session_id: str) -> Record | None:
+        try:
+            raw = await self.client.get(f"{self._prefix}s:{session_id}")
+        except RedisError as exc:
+            raise self._unavailable(exc) from None
+        return json.loads(raw) if raw else None
+
+    async def _save(self, record: Record, ttl: float, grace: float | None) -> bool:
+        p = self._prefix
+        old = record.get("prev_token_hash") or "" if grace is not None else ""
+        ok = await self._run(
+            "save",
+            [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}"] + ([f"{p}t:{old}"] if old else []),
+            [record["id"], json.dumps(record), _ms(ttl), p, record["token_hash"], old,
+             _ms(min(grace, ttl)) if grace else 0],
+        )
+        return bool(ok)
+
+    async def save(self, record: Record, ttl: float) -> bool:
+        return await self._save(record, ttl, None)
+
+    async def rotate(self, record: Record, ttl: float, grace: float) -> bool:
+        return await self._save(record, ttl, grace)
+
+    async def delete(self, session_id: str) -> Record | None:
+        raw = await self._run("delete", [f"{self._prefix}s:{session_id}"], [self._prefix, session_id])
+        return json.loads(raw) if raw else None
+
+    async def list_user(self, user_id: str) -> list[Record]:
+        ukey = f"{self._prefix}u:{user_id}"
+        try:
+            ids = await self.client.zrange(ukey, 0, -1)
+            if not ids:
+                return []
+            raws = await self.client.mget([f"{self._prefix}s:{i}" for i in ids])
+            dead = [i for i, r in zip(ids, raws) if r is None]
+            if dead:
+                await self.client.zrem(ukey, *dead)
+        except RedisError as exc:
+            raise self._unavailable(exc) from None
+        return [json.loads(r) for r in raws if r is not None]
+
+    async def hit(self, key: str, window: float) -> tuple[int, float]:
+        count, pttl = await self._run("hit", [f"{self._prefix}c:{key}"], [_ms(window)])
+        return int(count), max(0, int(pttl)) / 1000
+
+    async def peek(self, key: str) -> tuple[int, float]:
+        k = f"{self._prefix}c:{key}"
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                count, pttl = await pipe.get(k).pttl(k).execute()
+        except RedisError as exc:
+            raise self._unavailable(exc) from None
+        if count is None:
+            return 0, 0.0
+        return int(count), max(0, int(pttl)) / 1000
+
+    async def clear(self, key: str) -> None:
+        try:
+            await self.client.delete(f"{self._prefix}c:{key}")
+        except RedisError as exc:
+            raise self._unavailable(exc) from None

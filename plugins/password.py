@@ -1,0 +1,192 @@
+"""Username/password provider: argon2id hashes, lockout, registration, change.
+
+Endpoints (under ``auth_prefix``):
+
+- ``POST /password/login``    ``{"username", "password"}`` -> 200, a session
+- ``POST /password/register`` ``{"username", "password"}`` -> 201, a session
+- ``POST /password/change``   ``{"old_password", "new_password"}`` -> 204,
+  every other session of the user revoked
+
+Usernames are normalised with NFKC and casefolded.  A login for an unknown
+user verifies against a dummy hash, so it costs as much as a wrong password.
+Failures are counted per username in the session store (so the lockout
+holds across processes); after ``max_failures`` within ``lockout_window``
+the answer is 429 ``locked_out`` with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import unicodedata
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from argon2.low_level import Type
+
+from gateway import hookimpl
+from gateway.config import BOOL, INT, POSITIVE_DURATION, Option, at_least
+from gateway.errors import Conflict, GatewayError, invalid_credentials, invalid_request, too_many
+from gateway.handlers.auth import AuthHandler
+from gateway.providers import LoginResult, Provider
+
+MAX_PASSWORD = 1024
+MAX_USERNAME = 150
+
+
+def normalise_username(raw: str) -> str:
+    name = unicodedata.normalize("NFKC", raw).casefold().strip()
+    if not name:
+        raise invalid_request("field username must not be empty")
+    if len(name) > MAX_USERNAME:
+        raise invalid_request(f"field username is longer than {MAX_USERNAME} characters")
+    if any(unicodedata.category(c)[0] in "CZ" and c != " " for c in name):
+        raise invalid_request("field username contains control or separator characters")
+    return name
+
+
+class PasswordProvider(Provider):
+    name = "password"
+    options = [
+        Option("allow_registration", BOOL, True, "allow POST /password/register"),
+        Option("min_length", at_least(INT, 1), 8, "shortest password accepted (the longest is 1024)"),
+        Option("max_failures", at_least(INT, 1), 5, "failed logins per username within lockout_window before 429"),
+        Option("lockout_window", POSITIVE_DURATION, "15m", "window in which failures are counted"),
+        Option("time_cost", at_least(INT, 1), 3, "argon2id iterations"),
+        Option("memory_cost", at_least(INT, 8), 65536, "argon2id memory in KiB"),
+        Option("parallelism", at_least(INT, 1), 4, "argon2id lanes"),
+    ]
+
+    def __init__(self, gateway: Any, settings: Any) -> None:
+        super().__init__(gateway, settings)
+        self.hasher = PasswordHasher(
+            time_cost=settings.time_cost, memory_cost=settings.memory_cost,
+            parallelism=settings.parallelism, type=Type.ID,
+        )
+        self._dummy_hash = ""
+
+    async def setup(self) -> None:
+        self._dummy_hash = await self._hash(secrets.token_urlsafe(16))
+
+    # -- hashing off the event loop -------------------------------------------
+
+    async def _hash(self, password: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(None, self.hasher.hash, password)
+
+    async def _verify(self, hashed: str, password: str) -> bool:
+        def verify() -> bool:
+            try:
+                return self.hasher.verify(hashed, password)
+            except (VerifyMismatchError, VerificationError, InvalidHashError):
+                return False
+
+        return await asyncio.get_running_loop().run_in_executor(None, verify)
+
+    def check_password(self, password: str, field: str) -> None:
+        if len(password) < self.settings.min_length:
+            raise invalid_request(f"field {field} must be at least {self.settings.min_length} characters")
+        if len(password) > MAX_PASSWORD:
+            raise invalid_request(f"field {field} must be at most {MAX_PASSWORD} characters")
+
+    # -- lockout ------------------------------------------------------------------
+
+    def _counter(self, username: str) -> str:
+        return "pwfail:" + hashlib.sha256(username.encode()).hexdigest()[:32]
+
+    async def _check_lockout(self, username: str) -> None:
+        count, left = await self.gateway.session_store.peek(self._counter(username))
+        if count >= self.settings.max_failures:
+            raise too_many("locked_out", "too many failed attempts for this username; try again later", left)
+
+    async def _failed(self, username: str) -> GatewayError:
+        await self.gateway.session_store.hit(self._counter(username), self.settings.lockout_window)
+        return invalid_credentials("the username or password is not correct")
+
+    async def verify_credentials(self, username: str, password: str) -> str:
+        """The user id for these credentials, or a 401/429 error."""
+        await self._check_lockout(username)
+        identity = await self.gateway.profiles.get_identity(self.name, username)
+        hashed = identity.data.get("hash", "") if identity else ""
+        ok = await self._verify(hashed or self._dummy_hash, password)
+        if not (identity and hashed and ok):
+            raise await self._failed(username)
+        await self.gateway.session_store.clear(self._counter(username))
+        if self.hasher.check_needs_rehash(hashed):
+            await self.gateway.profiles.update_identity_data(self.name, username, {"hash": await self._hash(password)})
+        return identity.user_id
+
+    # -- endpoints ------------------------------------------------------------------
+
+    def _credentials(self, handler: AuthHandler, body: dict[str, Any]) -> tuple[str, str]:
+        username = normalise_username(handler.field(body, "username", str, max_length=4 * MAX_USERNAME))
+        password = handler.field(body, "password", str, max_length=4 * MAX_PASSWORD)
+        if len(password) > MAX_PASSWORD:
+            raise invalid_request(f"field password must be at most {MAX_PASSWORD} characters")
+        return username, password
+
+    async def login(self, handler: AuthHandler, body: dict[str, Any]) -> LoginResult:  # type: ignore[override]
+        username, password = self._credentials(handler, body)
+        user_id = await self.verify_credentials(username, password)
+        user = await self.gateway.profiles.get_user(user_id)
+        if user is None:
+            raise GatewayError("internal", "an internal error occurred",
+                               log_message=f"password identity points at missing user {user_id}")
+        return LoginResult(user=user)
+
+    async def register(self, handler: AuthHandler, body: dict[str, Any]) -> LoginResult:
+        if not self.settings.allow_registration:
+            raise GatewayError("forbidden", "registration is disabled")
+        username, password = self._credentials(handler, body)
+        self.check_password(password, "password")
+        hashed = await self._hash(password)
+        try:
+            user, _ = await self.gateway.profiles.create_identity(
+                self.name, username, profile={"username": username}, data={"hash": hashed})
+        except Conflict:
+            raise Conflict("that username is already taken") from None
+        return LoginResult(user=user, created=True)
+
+    async def change(self, handler: AuthHandler, user_id: str, body: dict[str, Any]) -> None:
+        old = handler.field(body, "old_password", str, max_length=4 * MAX_PASSWORD)
+        new = handler.field(body, "new_password", str, max_length=4 * MAX_PASSWORD)
+        self.check_password(new, "new_password")
+        links = [i for i in await self.gateway.profiles.list_identities(user_id) if i.provider == self.name]
+        if not links:
+            raise GatewayError("forbidden", "this account has no password")
+        username = links[0].subject
+        await self.verify_credentials(username, old)
+        await self.gateway.profiles.update_identity_data(self.name, username, {"hash": await self._hash(new)})
+
+    def handlers(self) -> list[tuple[Any, ...]]:
+        p = self.gateway.auth_path
+        return [
+            (p(self.name, "register"), RegisterHandler, {"provider": self}),
+            (p(self.name, "change"), ChangeHandler, {"provider": self}),
+        ]
+
+
+class RegisterHandler(AuthHandler):
+    def initialize(self, provider: PasswordProvider, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(**kwargs)
+        self.provider = provider
+
+    async def post(self) -> None:
+        result = await self.gateway.call_provider(self.provider, "register", self, self.json_body())
+        await self.start_session(result, self.provider.name, status=201)
+
+
+class ChangeHandler(RegisterHandler):
+    async def post(self) -> None:
+        principal = await self.require_session()
+        body = self.json_body()
+        await self.gateway.call_provider(self.provider, "change", self, principal.user_id, body)
+        await self.gateway.sessions.revoke_user(principal.user_id, "password_changed", keep=principal.session_id)
+        self.set_status(204)
+        self.finish()
+
+
+@hookimpl
+def gateway_providers() -> list[type[Provider]]:
+    return [PasswordProvider]

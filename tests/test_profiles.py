@@ -1,0 +1,355 @@
+"""Contract tests for the profile stores, run against every backend.
+
+``sqlite`` always runs (on a file under ``tmp_path``).  ``mongodb`` runs only
+when ``GATEWAY_TEST_MONGODB_URL`` names a MongoDB server; each test then gets
+its own database, dropped afterwards.  The MongoDB outage test needs no
+server: it points the store at a closed port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sqlite3
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import Conflict, StoreUnavailable
+from gateway.profiles.base import ProfileStore
+from gateway.profiles.mongodb import MongoProfileStore
+from gateway.profiles.sqlite import SQLiteProfileStore
+
+MONGODB_URL = os.environ.get("GATEWAY_TEST_MONGODB_URL")
+MONGODB_SKIP = (
+    "MongoDB store tests skipped: set GATEWAY_TEST_MONGODB_URL to a MongoDB server URL to run them"
+)
+_RUN_ID = uuid.uuid4().hex[:10]
+_DB_COUNTER = itertools.count()
+
+
+async def _drop_mongo_database(name: str) -> None:
+    from pymongo import AsyncMongoClient
+
+    client: Any = AsyncMongoClient(MONGODB_URL, serverSelectionTimeoutMS=5000)
+    try:
+        await client.drop_database(name)
+    finally:
+        await client.close()
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, io_loop: Any) -> ProfileStore:
+    """An un-opened store; tests ``await store.open()``; closed (and a MongoDB
+    test database dropped) afterwards."""
+    database: str | None = None
+    profile_store: ProfileStore
+    if request.param == "sqlite":
+        profile_store = SQLiteProfileStore(str(tmp_path / "data" / "profiles.db"))
+    else:
+        if not MONGODB_URL:
+            pytest.skip(MONGODB_SKIP)
+        database = f"gateway_test_{_RUN_ID}_{next(_DB_COUNTER)}"
+        profile_store = MongoProfileStore(MONGODB_URL, database, timeout=5.0)
+
+    def finish() -> None:
+        io_loop.run_sync(profile_store.close)
+        if database is not None:
+            io_loop.run_sync(lambda: _drop_mongo_database(database))
+
+    request.addfinalizer(finish)
+    return profile_store
+
+
+async def stored_counts(store: ProfileStore) -> tuple[int, int]:
+    """(users, identities) as held by the backing database itself."""
+    if isinstance(store, SQLiteProfileStore):
+        with sqlite3.connect(store.path) as conn:
+            users = conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+            identities = conn.execute("SELECT COUNT(*) FROM identities").fetchone()[0]
+        conn.close()
+        return users, identities
+    assert isinstance(store, MongoProfileStore)
+    from pymongo import AsyncMongoClient
+
+    client: Any = AsyncMongoClient(MONGODB_URL)
+    try:
+        db = client[store.database]
+        return await db.users.count_documents({}), await db.identities.count_documents({})
+    finally:
+        await client.close()
+
+
+def assert_utc(value: datetime) -> None:
+    assert value.tzinfo is not None
+    assert value.utcoffset() == timedelta(0)
+    assert abs(datetime.now(timezone.utc) - value) < timedelta(minutes=5)
+
+
+# -- the contract, for every store ----------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_get_user_unknown_is_none(store: ProfileStore) -> None:
+    await store.open()
+    assert await store.get_user("u_nobody") is None
+    assert await store.get_identity("password", "nobody") is None
+
+
+@pytest.mark.gen_test
+async def test_resolve_identity_creates_once(store: ProfileStore) -> None:
+    await store.open()
+    user, link, created = await store.resolve_identity(
+        "password", "alice", profile={"display_name": "Alice"}, data={"hash": "h1"}
+    )
+    assert created is True
+    assert user.profile == {"display_name": "Alice"}
+    assert (link.provider, link.subject, link.user_id, link.data) == ("password", "alice", user.id, {"hash": "h1"})
+    assert link.key == "password:alice"
+
+    again, link2, created2 = await store.resolve_identity(
+        "password", "alice", profile={"display_name": "Other"}, data={"hash": "other"}
+    )
+    assert created2 is False
+    assert again.id == user.id
+    assert again.profile == {"display_name": "Alice"}  # profile only used on creation
+    assert link2.data == {"hash": "h1"}  # data only used on creation
+    assert (await store.get_user(user.id)).profile == {"display_name": "Alice"}
+    fetched = await store.get_identity("password", "alice")
+    assert fetched is not None and fetched.user_id == user.id
+    assert await stored_counts(store) == (1, 1)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_concurrent_first_logins_create_one_user(store: ProfileStore) -> None:
+    await store.open()
+    results = await asyncio.gather(
+        *(store.resolve_identity("password", "crowd", profile={"n": i}) for i in range(50))
+    )
+    user_ids = {user.id for user, _, _ in results}
+    assert len(user_ids) == 1
+    assert {link.user_id for _, link, _ in results} == user_ids
+    assert sum(1 for _, _, created in results if created) == 1
+    (user_id,) = user_ids
+    assert len(await store.list_identities(user_id)) == 1
+    assert await stored_counts(store) == (1, 1)
+
+
+@pytest.mark.gen_test
+async def test_create_identity_conflict_creates_nothing(store: ProfileStore) -> None:
+    await store.open()
+    user, link = await store.create_identity("password", "bob", profile={"display_name": "Bob"}, data={"hash": "x"})
+    assert link.user_id == user.id
+    assert user.profile == {"display_name": "Bob"}
+    assert (await store.get_user(user.id)) is not None
+    with pytest.raises(Conflict):
+        await store.create_identity("password", "bob", profile={"display_name": "Impostor"})
+    assert await stored_counts(store) == (1, 1)
+    assert (await store.get_user(user.id)).profile == {"display_name": "Bob"}
+    assert (await store.get_identity("password", "bob")).user_id == user.id
+
+
+@pytest.mark.gen_test
+async def test_link_identity(store: ProfileStore) -> None:
+    await store.open()
+    alice, _, _ = await store.resolve_identity("password", "alice")
+    bob, _, _ = await store.resolve_identity("password", "bob")
+
+    link = await store.link_identity(alice.id, "github", "42", data={"token": "t"})
+    assert (link.provider, link.subject, link.user_id, link.data) == ("github", "42", alice.id, {"token": "t"})
+
+    same = await store.link_identity(alice.id, "github", "42", data={"token": "ignored"})
+    assert same.user_id == alice.id
+    assert same.data == {"token": "t"}  # a no-op
+
+    with pytest.raises(Conflict):
+        await store.link_identity(bob.id, "github", "42")
+    with pytest.raises(Conflict):
+        await store.link_identity(bob.id, "password", "alice")
+    with pytest.raises(KeyError):
+        await store.link_identity("u_nobody", "github", "43")
+
+    identities = await store.list_identities(alice.id)
+    assert [(i.provider, i.subject) for i in identities] == [("password", "alice"), ("github", "42")]
+    assert [i.subject for i in await store.list_identities(bob.id)] == ["bob"]
+    assert await store.list_identities("u_nobody") == []
+    assert await stored_counts(store) == (2, 3)
+
+
+@pytest.mark.gen_test
+async def test_update_identity_data_merges(store: ProfileStore) -> None:
+    await store.open()
+    await store.resolve_identity("password", "carol", data={"hash": "h1", "algo": "argon2"})
+    await store.update_identity_data("password", "carol", {"hash": "h2", "failures": 0})
+    link = await store.get_identity("password", "carol")
+    assert link is not None
+    assert link.data == {"hash": "h2", "algo": "argon2", "failures": 0}
+    with pytest.raises(KeyError):
+        await store.update_identity_data("password", "nobody", {"hash": "x"})
+
+
+@pytest.mark.gen_test
+async def test_update_profile_merges_and_none_removes(store: ProfileStore) -> None:
+    await store.open()
+    user, _, _ = await store.resolve_identity("password", "dave", profile={"display_name": "Dave", "city": "Oslo"})
+    updated = await store.update_profile(user.id, {"city": None, "lang": "nb"})
+    assert updated.id == user.id
+    assert updated.profile == {"display_name": "Dave", "lang": "nb"}
+    assert updated.updated_at >= user.updated_at - timedelta(milliseconds=1)
+    assert (await store.get_user(user.id)).profile == {"display_name": "Dave", "lang": "nb"}
+    # removing a field that is not there is fine
+    assert (await store.update_profile(user.id, {"missing": None})).profile == {"display_name": "Dave", "lang": "nb"}
+
+
+@pytest.mark.gen_test
+async def test_update_profile_unknown_user_is_key_error(store: ProfileStore) -> None:
+    await store.open()
+    with pytest.raises(KeyError):
+        await store.update_profile("u_nobody", {"display_name": "x"})
+    assert await stored_counts(store) == (0, 0)
+
+
+@pytest.mark.gen_test
+async def test_unicode_round_trips(store: ProfileStore) -> None:
+    await store.open()
+    profile = {"display_name": "Band 🎸", "city": "广州", "nested": {"note": "naïve ☃"}}
+    user, _, _ = await store.resolve_identity("password", "李雷", profile=profile, data={"hint": "🔑"})
+    assert (await store.get_user(user.id)).profile == profile
+    updated = await store.update_profile(user.id, {"motto": "頑張って 💪"})
+    assert updated.profile["motto"] == "頑張って 💪"
+    assert (await store.get_user(user.id)).profile == {**profile, "motto": "頑張って 💪"}
+    link = await store.get_identity("password", "李雷")
+    assert link is not None and link.subject == "李雷" and link.data == {"hint": "🔑"}
+    if isinstance(store, SQLiteProfileStore):  # stored as real Unicode, not \u escapes
+        with sqlite3.connect(store.path) as conn:
+            (raw,) = conn.execute("SELECT profile FROM users WHERE id = ?", (user.id,)).fetchone()
+        conn.close()
+        assert "Band 🎸" in raw and "广州" in raw
+
+
+@pytest.mark.gen_test
+async def test_datetimes_are_aware_utc(store: ProfileStore) -> None:
+    await store.open()
+    user, link, _ = await store.resolve_identity("password", "erin")
+    for value in (user.created_at, user.updated_at, link.created_at):
+        assert_utc(value)
+    fetched = await store.get_user(user.id)
+    fetched_link = await store.get_identity("password", "erin")
+    assert fetched is not None and fetched_link is not None
+    for value in (fetched.created_at, fetched.updated_at, fetched_link.created_at):
+        assert_utc(value)
+    # stored precision may be coarser (BSON: milliseconds), never shifted
+    assert abs(fetched.created_at - user.created_at) < timedelta(milliseconds=2)
+    assert_utc((await store.update_profile(user.id, {"x": 1})).updated_at)
+    assert all(i.created_at.utcoffset() == timedelta(0) for i in await store.list_identities(user.id))
+
+
+# -- SQLite specifics -----------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_sqlite_data_survives_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "nested" / "dir" / "profiles.db")
+    first = SQLiteProfileStore(path)
+    await first.open()
+    user, _, _ = await first.resolve_identity("password", "frank", profile={"display_name": "Band 🎸"}, data={"hash": "h"})
+    await first.update_profile(user.id, {"city": "广州"})
+    await first.link_identity(user.id, "github", "7")
+    await first.close()
+
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+    second = SQLiteProfileStore(path)
+    await second.open()
+    try:
+        again = await second.get_user(user.id)
+        assert again is not None
+        assert again.profile == {"display_name": "Band 🎸", "city": "广州"}
+        assert again.created_at == user.created_at
+        _, link, created = await second.resolve_identity("password", "frank")
+        assert created is False and link.user_id == user.id and link.data == {"hash": "h"}
+        assert [i.provider for i in await second.list_identities(user.id)] == ["password", "github"]
+    finally:
+        await second.close()
+
+
+@pytest.mark.gen_test
+async def test_sqlite_memory_database() -> None:
+    store = SQLiteProfileStore(":memory:")
+    await store.open()
+    try:
+        user, _, created = await store.resolve_identity("password", "gina")
+        assert created and (await store.get_user(user.id)) is not None
+    finally:
+        await store.close()
+
+
+@pytest.mark.gen_test
+async def test_sqlite_unwritable_path_is_unavailable_without_leaking_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    path = str(blocker / "x.db")
+    store = SQLiteProfileStore(path)
+    with pytest.raises(StoreUnavailable) as info:
+        await store.open()
+    exc = info.value
+    assert exc.status == 503
+    for text in (str(exc), exc.message, str(exc.body()), exc.log_message or ""):
+        assert path not in text
+        assert str(tmp_path) not in text
+    # a failed open leaves the store unusable but well-behaved
+    with pytest.raises(StoreUnavailable):
+        await store.get_user("u_x")
+    await store.close()
+
+
+@pytest.mark.gen_test
+async def test_sqlite_closed_store_is_unavailable(tmp_path: Path) -> None:
+    store = SQLiteProfileStore(str(tmp_path / "p.db"))
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.get_user("u_x")
+
+
+# -- MongoDB outage (no server needed) ---------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_mongodb_outage_unreachable_server_raises_store_unavailable_fast() -> None:
+    url = "mongodb://gateway:s3cr3t-pa55@127.0.0.1:1/?authSource=admin"
+    store = MongoProfileStore(url, f"gateway_outage_{_RUN_ID}", timeout=1.0)
+    assert "s3cr3t" not in repr(store)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as info:
+            await store.open()
+        assert time.monotonic() - started < 2.5
+        exc = info.value
+        assert exc.status == 503 and exc.headers.get("Retry-After") == "1"
+        for text in (str(exc), exc.message, exc.log_message or ""):
+            assert "s3cr3t" not in text and "gateway:" not in text
+        assert exc.log_message  # something useful for the operator
+
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as info:
+            await store.resolve_identity("password", "alice")
+        assert time.monotonic() - started < 2.5
+        assert "s3cr3t" not in (info.value.log_message or "")
+    finally:
+        await store.close()
+
+
+@pytest.mark.gen_test
+async def test_mongodb_unopened_store_is_unavailable() -> None:
+    store = MongoProfileStore("mongodb://127.0.0.1:1", "gateway_unopened")
+    with pytest.raises(StoreUnavailable):
+        await store.get_user("u_x")
+    await store.close()
