@@ -1,0 +1,181 @@
+"""The plugin system: every hook, failure isolation, and its documentation."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, base_config, body
+from gateway import hookimpl, hookspecs
+from gateway.plugins import PluginError, get_plugin_manager
+
+HERE = Path(__file__).parent
+
+
+def load_recording_plugin():
+    spec = importlib.util.spec_from_file_location("recording_plugin", HERE / "plugins" / "recording_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def plugin():
+    return load_recording_plugin()
+
+
+@pytest.fixture
+def pgw(make_gateway, upstream, tmp_path, io_loop, plugin):
+    pm = get_plugin_manager(extra_plugins=[("recording", plugin)])
+    return io_loop.run_sync(lambda: make_gateway(base_config(upstream.url, tmp_path), pm=pm))
+
+
+HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("gateway_"))
+
+
+def test_builtin_password_plugin_comes_from_the_entry_point_group():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="gateway.plugins")}
+    assert eps["password"] == "gateway_plugins.password"
+    pm = get_plugin_manager()
+    assert pm.get_plugin("password").__name__ == "gateway_plugins.password"
+    assert get_plugin_manager(disabled=["password"]).get_plugin("password") is None
+
+
+def test_misspelt_hook_implementation_is_a_startup_error():
+    class Typo:
+        @hookimpl
+        def gateway_sesion_created(self, session):  # noqa: D401 - misspelt on purpose
+            pass
+
+    with pytest.raises(PluginError, match="gateway_sesion_created"):
+        get_plugin_manager(extra_plugins=[("typo", Typo())])
+
+
+@pytest.mark.gen_test
+async def test_hook_gateway_startup(pgw, plugin):
+    assert ("startup", ["broken", "guest", "password"]) in plugin.events
+
+
+@pytest.mark.gen_test
+async def test_hook_gateway_providers(pgw):
+    r = await pgw.client.request("POST", "/auth/guest/login", json_body={"nick": "Zoë 🎸"})
+    assert r.code == 200, r.body
+    data = body(r)
+    assert data["user"]["profile"] == {"nick": "Zoë 🎸"}
+    assert data["session"]["provider"] == "guest"
+    # the same subject logs in as the same user
+    again = body(await pgw.client.request("POST", "/auth/guest/login", json_body={"nick": "Zoë 🎸"}))
+    assert again["user"]["id"] == data["user"]["id"]
+    # session data stays inside the gateway
+    stored = await pgw.gateway.session_store.get(data["session"]["id"])
+    assert stored["data"] == {"nick": "Zoë 🎸"}
+    assert "nick" not in r.body.decode().split('"session"')[1].split('"user"')[0]
+
+
+@pytest.mark.gen_test
+async def test_failing_provider_gives_500_internal_and_names_the_plugin_in_the_log(pgw, caplog):
+    caplog.set_level(logging.DEBUG)
+    r = await pgw.client.request("POST", "/auth/broken/login", json_body={})
+    assert r.code == 500
+    assert body(r) == {"error": "internal", "message": "an internal error occurred"}
+    assert b"secret-detail" not in r.body and b"Traceback" not in r.body
+    assert "broken" in caplog.text
+    # the gateway keeps serving
+    assert (await pgw.client.request("GET", "/public/x")).code == 200
+
+
+@pytest.mark.gen_test
+async def test_hook_gateway_authenticate(pgw, upstream):
+    r = await pgw.client.request("GET", "/api/data", headers={"X-Test-Key": "let-me-in"})
+    assert r.code == 200, r.body
+    seen = upstream.last
+    assert seen.header("X-User-Id") == "u_key"
+    assert seen.header("X-Auth-Provider") == "testkey"
+    assert seen.header("X-Auth-Scopes") == "read write"
+    assert seen.header("X-Session-Id") is None
+    assert seen.header("X-Test-Key") is None  # the credential is not passed on
+    r = await pgw.client.request("GET", "/api/data", headers={"X-Test-Key": "refuse"})
+    assert r.code == 403 and body(r)["error"] == "forbidden"
+    assert (await pgw.client.request("GET", "/api/data", headers={"X-Test-Key": "nope"})).code == 401
+
+
+@pytest.mark.gen_test
+async def test_failing_authenticate_hook_is_500_internal_with_plugin_named(pgw, upstream, caplog):
+    caplog.set_level(logging.DEBUG)
+    count = len(upstream.seen)
+    r = await pgw.client.request("GET", "/api/data", headers={"X-Test-Key": "explode"})
+    assert r.code == 500 and body(r)["error"] == "internal"
+    assert b"boom" not in r.body
+    assert "'recording'" in caplog.text and "gateway_authenticate" in caplog.text
+    assert len(upstream.seen) == count
+
+
+@pytest.mark.gen_test
+async def test_hook_gateway_session_created(pgw, plugin):
+    reg = await pgw.client.register()
+    assert ("created", reg["session"]["id"], "password") in plugin.events
+
+
+@pytest.mark.gen_test
+async def test_hook_gateway_session_refreshed(pgw, plugin):
+    reg = await pgw.client.register()
+    r = await pgw.client.request("POST", "/auth/refresh", token=reg["token"])
+    assert r.code == 200
+    assert ("refreshed", reg["session"]["id"], True) in plugin.events
+
+
+@pytest.mark.gen_test
+async def test_hook_gateway_session_revoked(pgw, plugin):
+    reg = await pgw.client.register()
+    r = await pgw.client.request("POST", "/auth/logout", token=reg["token"])
+    assert r.code == 204
+    assert ("revoked", reg["session"]["id"], "logout") in plugin.events
+
+
+@pytest.mark.gen_test
+async def test_hook_gateway_upstream_headers(pgw, upstream):
+    reg = await pgw.client.register()
+    await pgw.client.request("GET", "/api/x", token=reg["token"])
+    assert upstream.last.header("X-Route-Prefix") == "/api/"
+    assert upstream.last.header("X-Session-Id") == reg["session"]["id"]  # cannot be overridden
+
+
+@pytest.mark.gen_test
+async def test_hook_gateway_handlers(pgw):
+    r = await pgw.client.request("GET", "/auth/test/ping", headers={"X-Test-Key": "let-me-in"})
+    assert r.code == 200 and body(r) == {"pong": True, "user": "u_key"}
+
+
+# ---------------------------------------------------------------------------
+# Every hook is documented with its real signature, and has a test here.
+# ---------------------------------------------------------------------------
+
+
+def documented_hooks() -> dict[str, list[str]]:
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    found = {}
+    for m in re.finditer(r"^### `(gateway_\w+)\(([^)]*)\)`", text, re.M):
+        found[m.group(1)] = [a.strip() for a in m.group(2).split(",") if a.strip()]
+    return found
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_documented_with_its_arguments(hook):
+    docs = documented_hooks()
+    assert hook in docs, f"docs/plugins.md has no section '### `{hook}(...)`'"
+    spec_args = list(inspect.signature(getattr(hookspecs, hook)).parameters)
+    assert docs[hook] == spec_args
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_has_a_test(hook):
+    source = Path(__file__).read_text()
+    assert re.search(rf"^async def test_hook_{hook}\(|^def test_hook_{hook}\(", source, re.M), \
+        f"tests/test_plugins.py has no test_hook_{hook}"

@@ -1,0 +1,145 @@
+"""One contract suite for both session stores: memory and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.sessions.manager import Session, SessionManager, hash_token
+from gateway.sessions.memory import MemorySessionStore
+from gateway.sessions.redis import RedisSessionStore
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request, io_loop):
+    if request.param == "memory":
+        s = MemorySessionStore()
+    else:
+        s = RedisSessionStore(request.getfixturevalue("redis_url"))
+    io_loop.run_sync(s.open)
+    yield s
+    io_loop.run_sync(s.close)
+
+
+def record(sid: str, user: str = "u1", token: str | None = None, created: float | None = None) -> dict:
+    now = created or time.time()
+    return Session(id=sid, user_id=user, provider="password", created_at=now, last_seen_at=now,
+                   expires_at=now + 60, absolute_expires_at=now + 600,
+                   token_hash=hash_token(token or f"tok-{sid}")).to_record()
+
+
+@pytest.mark.gen_test
+async def test_create_lookup_get_delete(store):
+    await store.create(record("s1"), 60, 0)
+    assert (await store.lookup(hash_token("tok-s1")))["id"] == "s1"
+    assert (await store.get("s1"))["user_id"] == "u1"
+    assert await store.lookup(hash_token("other")) is None
+    gone = await store.delete("s1")
+    assert gone["id"] == "s1"
+    assert await store.lookup(hash_token("tok-s1")) is None
+    assert await store.get("s1") is None
+    assert await store.delete("s1") is None
+
+
+@pytest.mark.gen_test
+async def test_ttl_makes_sessions_vanish(store):
+    await store.create(record("s1"), 0.3, 0)
+    await asyncio.sleep(0.5)
+    assert await store.lookup(hash_token("tok-s1")) is None
+    assert await store.get("s1") is None
+    assert await store.list_user("u1") == []
+
+
+@pytest.mark.gen_test
+async def test_save_extends_but_never_resurrects(store):
+    rec = record("s1")
+    await store.create(rec, 0.4, 0)
+    rec["last_seen_at"] = 123.0
+    assert await store.save(rec, 60) is True
+    await asyncio.sleep(0.5)
+    assert (await store.get("s1"))["last_seen_at"] == 123.0
+    assert await store.lookup(hash_token("tok-s1")) is not None  # the token's TTL moved too
+    await store.delete("s1")
+    assert await store.save(rec, 60) is False
+    assert await store.get("s1") is None
+
+
+@pytest.mark.gen_test
+async def test_rotate_keeps_old_token_for_grace_only(store):
+    rec = record("s1")
+    await store.create(rec, 60, 0)
+    rec["prev_token_hash"] = rec["token_hash"]
+    rec["token_hash"] = hash_token("new")
+    assert await store.rotate(rec, 60, 0.3) is True
+    assert (await store.lookup(hash_token("new")))["id"] == "s1"
+    assert (await store.lookup(hash_token("tok-s1")))["id"] == "s1"
+    await asyncio.sleep(0.5)
+    assert await store.lookup(hash_token("tok-s1")) is None
+    assert (await store.lookup(hash_token("new")))["id"] == "s1"
+
+
+@pytest.mark.gen_test
+async def test_list_user_oldest_first_and_per_user(store):
+    base = time.time()
+    for i, sid in enumerate(["a", "b", "c"]):
+        await store.create(record(sid, created=base + i), 60, 0)
+    await store.create(record("x", user="u2"), 60, 0)
+    assert [r["id"] for r in await store.list_user("u1")] == ["a", "b", "c"]
+    assert [r["id"] for r in await store.list_user("u2")] == ["x"]
+    await store.delete("b")
+    assert [r["id"] for r in await store.list_user("u1")] == ["a", "c"]
+
+
+@pytest.mark.gen_test
+async def test_max_per_user_evicts_oldest(store):
+    base = time.time()
+    for i in range(3):
+        evicted = await store.create(record(f"s{i}", created=base + i), 60, 2)
+    assert [r["id"] for r in evicted] == ["s0"]
+    assert await store.lookup(hash_token("tok-s0")) is None
+    assert [r["id"] for r in await store.list_user("u1")] == ["s1", "s2"]
+
+
+@pytest.mark.gen_test
+async def test_counters_window(store):
+    assert await store.peek("k") == (0, 0.0)
+    assert (await store.hit("k", 0.5))[0] == 1
+    count, left = await store.hit("k", 0.5)
+    assert count == 2 and 0 < left <= 0.5
+    assert (await store.peek("k"))[0] == 2
+    await asyncio.sleep(0.6)
+    assert (await store.peek("k"))[0] == 0
+    assert (await store.hit("k", 10))[0] == 1
+    await store.clear("k")
+    assert (await store.peek("k"))[0] == 0
+
+
+@pytest.mark.gen_test
+async def test_manager_touch_writes_at_most_once_per_interval(store):
+    mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0.3, rotation_grace=5)
+    token, session = await mgr.create("u1", "password")
+    first = (await store.get(session.id))["last_seen_at"]
+    await mgr.authenticate(token)
+    assert (await store.get(session.id))["last_seen_at"] == first
+    await asyncio.sleep(0.35)
+    await mgr.authenticate(token)
+    later = await store.get(session.id)
+    assert later["last_seen_at"] > first
+    assert later["absolute_expires_at"] == session.absolute_expires_at
+
+
+@pytest.mark.gen_test
+async def test_store_ttl_is_min_of_idle_and_absolute(redis_url, redis_server):
+    store = RedisSessionStore(redis_url)
+    await store.open()
+    try:
+        mgr = SessionManager(store, idle_timeout=100, absolute_timeout=20, touch_interval=0, rotation_grace=5)
+        token, session = await mgr.create("u1", "password")
+        pttl = int(redis_server.command("PTTL", f"gw:s:{session.id}").strip().lstrip(":"))
+        assert 15_000 < pttl <= 20_000
+        raw_keys = redis_server.command("KEYS", "*")
+        assert token not in raw_keys and hash_token(token) in raw_keys
+    finally:
+        await store.close()
