@@ -357,11 +357,27 @@ def load_config(path: str | None = None, *, data: dict | None = None, environ: d
     return Config(routes=routes, providers=providers, path=path, environ=environ, **sections)
 
 
-def describe_options() -> str:
-    """A Markdown reference of every core option (used to keep the README true)."""
-    lines = []
-    for name, opts in [*SECTIONS.items(), ("[routes]", ROUTE)]:
-        lines.append(f"\n[{name}]" if not name.startswith("[") else f"\n[{name}]")
-        for o in opts:
-            lines.append(f"  {o.name} = {o.default!r}  # {o.help}")
-    return "\n".join(lines)
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return "(required)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def reference_table(options: Iterable[Option]) -> str:
+    """A Markdown table of options: key, default, meaning."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for o in options:
+        meaning = o.help + (f" (or `{o.name}_env`)" if o.secret else "")
+        rows.append(f"| `{o.name}` | `{_toml_value(o.default)}` | {meaning} |")
+    return "\n".join(rows)
+
+
+def describe_options() -> dict[str, str]:
+    """Markdown reference tables of the core options, by table name."""
+    tables = {f"[{name}]": reference_table(opts) for name, opts in SECTIONS.items()}
+    tables["[[routes]]"] = reference_table(ROUTE)
+    return tables

@@ -1,0 +1,22 @@
+"""The README's configuration reference is the declared options, verbatim."""
+
+import pytest
+
+from conftest import ROOT
+from gateway.config import describe_options, reference_table
+from gateway_plugins.password import PasswordProvider
+
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("table", sorted(describe_options()))
+def test_readme_documents_every_core_option(table):
+    assert f"### {table}\n\n{describe_options()[table]}\n" in README
+
+
+def test_readme_documents_the_password_provider_options():
+    assert f"### [providers.password]\n\n{reference_table(PasswordProvider.options)}\n" in README
+
+
+def test_readme_names_the_two_setup_commands():
+    assert "make run" in README and "make test" in README

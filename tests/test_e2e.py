@@ -1,0 +1,156 @@
+"""End to end: `bin/gateway serve` as a subprocess with a real redis-server,
+a third-party provider package installed from `tests/plugins/` into a fresh
+directory, and a login through it to a proxied request."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Client, body, free_port
+
+EXAMPLE_PKG = ROOT / "tests" / "plugins" / "gateway_example_provider"
+SECRET = "example-shared-secret-for-tests"
+
+
+@pytest.fixture(scope="module")
+def example_site(tmp_path_factory) -> Path:
+    """The third-party provider package, installed with pip into its own directory."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(EXAMPLE_PKG)],
+        check=True, capture_output=True,
+    )
+    return target
+
+
+def write_config(path: Path, *, port: int, redis_url: str, upstream_url: str, db: Path) -> None:
+    path.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+
+[sessions]
+store = "redis"
+redis_url = "{redis_url}"
+cookie_secure = false
+
+[profiles]
+store = "sqlite"
+sqlite_path = "{db}"
+
+[[routes]]
+prefix = "/api/"
+upstream = "{upstream_url}"
+
+[providers.password]
+time_cost = 1
+memory_cost = 64
+parallelism = 1
+
+[providers.example]
+secret_env = "EXAMPLE_SECRET"
+display_name = "Acme SSO"
+""")
+
+
+def gateway_env(site: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(site) + os.pathsep + env.get("PYTHONPATH", "")
+    env["EXAMPLE_SECRET"] = SECRET
+    return env
+
+
+def test_check_config_sees_the_installed_third_party_provider(example_site, tmp_path, redis_url):
+    cfg = tmp_path / "gateway.toml"
+    write_config(cfg, port=free_port(), redis_url=redis_url, upstream_url="http://127.0.0.1:9", db=tmp_path / "p.db")
+    ok = subprocess.run([str(ROOT / "bin" / "gateway"), "check-config", "--config", str(cfg)],
+                        env=gateway_env(example_site), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "example" in ok.stdout and "password" in ok.stdout
+    # Without the package the same file is refused, naming the table.
+    env = dict(os.environ, EXAMPLE_SECRET=SECRET)
+    missing = subprocess.run([str(ROOT / "bin" / "gateway"), "check-config", "--config", str(cfg)],
+                             env=env, capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert "providers.example" in missing.stderr
+
+
+def sign(subject: str) -> str:
+    """What the identity server hands out: <subject>.<hmac>."""
+    return subject + "." + hmac.new(SECRET.encode(), subject.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+async def wait_listening(proc: subprocess.Popen, port: int) -> None:
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"gateway exited with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("gateway did not start listening")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_serve_subprocess_login_through_third_party_plugin_and_proxy(
+        example_site, tmp_path, redis_url, redis_server, upstream):
+    port = free_port()
+    cfg = tmp_path / "gateway.toml"
+    write_config(cfg, port=port, redis_url=redis_url, upstream_url=upstream.url, db=tmp_path / "p.db")
+    proc = subprocess.Popen([str(ROOT / "bin" / "gateway"), "serve", "--config", str(cfg)],
+                            env=gateway_env(example_site), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+        await wait_listening(proc, port)
+
+        # A login through the third-party provider...
+        r = await client.request("POST", "/auth/example/login", json_body={"ticket": sign("emp-1042")})
+        assert r.code == 200, r.body
+        login = body(r)
+        assert login["user"]["profile"] == {"sso": "Acme SSO", "sso_subject": "emp-1042"}
+        token = login["token"]
+
+        # ...a proxied request carrying the identity, never the credential...
+        r = await client.request("GET", "/api/orders?page=2", token=token)
+        assert r.code == 200, r.body
+        seen = upstream.last
+        assert (seen.path, seen.query) == ("/api/orders", "page=2")
+        assert seen.header("X-User-Id") == login["user"]["id"]
+        assert seen.header("X-Auth-Provider") == "example"
+        assert seen.header("X-Session-Id") == login["session"]["id"]
+        assert seen.header("Authorization") is None
+
+        # ...a refused ticket, the session kept in Redis, the built-in provider alongside.
+        r = await client.request("POST", "/auth/example/login", json_body={"ticket": "emp-1042.forged"})
+        assert r.code == 401 and body(r)["error"] == "invalid_credentials"
+        assert f"gw:s:{login['session']['id']}" in redis_server.command("KEYS", "gw:s:*")
+        reg = await client.register("bob", "a long enough password")
+        assert reg["user"]["id"] != login["user"]["id"]
+        r = await client.request("POST", "/auth/logout", token=token)
+        assert r.code == 204
+        assert (await client.request("GET", "/api/orders", token=token)).code == 401
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert "plugins example, password" in err
+    assert token not in out + err and SECRET not in out + err
