@@ -9,31 +9,31 @@ import signal
 import sys
 from typing import Sequence
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.errors import GatewayError
+from gateway.config import ConfigError, load_config, read_config
 from gateway.plugins import PluginError
 
 log = logging.getLogger("gateway")
 
 
-def _load(path: str) -> tuple[Config, "object"]:
+def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
 
-    config = load_config(path)
-    return config, Gateway(config)
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    gw = None
     try:
-        config, gw = _load(args.config)
+        config, problems = read_config(args.config)
+        gw = Gateway(config)
     except ConfigError as exc:
-        print(f"{args.config}: {len(exc.problems)} problem(s):", file=sys.stderr)
-        for problem in exc.problems:
+        problems = problems + exc.problems
+    except PluginError as exc:
+        problems = problems + [str(exc)]
+    if problems or gw is None:
+        print(f"{args.config}: {len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    except PluginError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.config}: OK (providers: {', '.join(gw.providers) or 'none'}; "  # type: ignore[attr-defined]
+    print(f"{args.config}: OK (providers: {', '.join(gw.providers) or 'none'}; "
           f"sessions: {config.sessions.store}; profiles: {config.profiles.store}; routes: {len(config.routes)})")
     return 0
 
@@ -61,9 +61,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.server.workers > 1:
         fork_processes(config.server.workers)
 
-    async def run() -> None:
+    async def run() -> int:
         gw = Gateway(config)
-        await gw.start()
+        try:
+            await gw.start()
+        except Exception as exc:
+            detail = exc.detail if isinstance(exc, GatewayError) else repr(exc)
+            log.error("start-up failed: %s", detail, exc_info=not isinstance(exc, GatewayError))
+            await gw.stop()
+            return 1
         server = HTTPServer(gw.make_app(), max_body_size=config.server.max_body_size + 1,
                             idle_connection_timeout=60, body_timeout=60)
         server.add_sockets(sockets)
@@ -89,9 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             demo.stop()
         await server.close_all_connections()
         await gw.stop()
+        return 0
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30, \"90s\", \"30m\", \"12h\" or \"7d\"")
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("a duration must be a finite number")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -287,8 +289,11 @@ def validate_table(
         try:
             values[opt.name] = opt.check(raw)
         except ValueError as exc:
-            shown = "" if opt.secret else f" (got {raw!r})"
+            shown = "" if opt.secret or repr(raw) in str(exc) else f" (got {raw!r})"
             problems.append(f"{key}: {exc}{shown}")
+            values[opt.name] = None if opt.default is None else opt.check(opt.default)
+    for opt in options:
+        values.setdefault(opt.name, None if opt.default is None else opt.check(opt.default))
     return Section(values)
 
 
@@ -307,7 +312,22 @@ class Config:
 
 
 def load_config(path: str | None = None, *, data: dict | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Read and validate a configuration file (or an already-parsed dict)."""
+    """Read and validate a configuration file (or an already-parsed dict);
+    raise :class:`ConfigError` listing every problem."""
+    config, problems = read_config(path, data=data, environ=environ)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_config(
+    path: str | None = None, *, data: dict | None = None, environ: dict[str, str] | None = None
+) -> tuple[Config, list[str]]:
+    """Like :func:`load_config`, but return the problems beside a usable
+    configuration (defaults standing in for bad values), so that checks
+    which need a configuration (the providers' own tables) can still run and
+    report theirs too.  Raises :class:`ConfigError` only when there is no
+    file to read."""
     environ = dict(os.environ if environ is None else environ)
     problems: list[str] = []
     if data is None:
@@ -321,6 +341,10 @@ def load_config(path: str | None = None, *, data: dict | None = None, environ: d
                 raise ConfigError([f"{path}: no such file"]) from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+            except UnicodeDecodeError:
+                raise ConfigError([f"{path}: not valid TOML: the file is not UTF-8"]) from None
+            except OSError as exc:
+                raise ConfigError([f"{path}: cannot be read: {exc.strerror or exc}"]) from None
     allowed = set(SECTIONS) | {"routes", "providers"}
     for key in data:
         if key not in allowed:
@@ -342,7 +366,8 @@ def load_config(path: str | None = None, *, data: dict | None = None, environ: d
             auth_prefix = sections["server"].get("auth_prefix") or "/auth"
             if prefix.rstrip("/") == auth_prefix.rstrip("/") or prefix.startswith(auth_prefix.rstrip("/") + "/"):
                 problems.append(f"routes[{i}].prefix: {prefix!r} lies under server.auth_prefix {auth_prefix!r}")
-        routes.append(route)
+        if all(route.get(o.name) is not None for o in ROUTE):
+            routes.append(route)
     providers = data.get("providers", {})
     if not isinstance(providers, dict):
         problems.append("providers: expected a table of [providers.<name>] tables")
@@ -352,9 +377,7 @@ def load_config(path: str | None = None, *, data: dict | None = None, environ: d
         problems.append("sessions.store: \"memory\" holds sessions in one process; use \"redis\" with server.workers > 1")
     if sess.get("cookie_samesite") == "None" and sess.get("cookie_secure") is False:
         problems.append("sessions.cookie_samesite: \"None\" requires sessions.cookie_secure = true (browsers reject it otherwise)")
-    if problems:
-        raise ConfigError(problems)
-    return Config(routes=routes, providers=providers, path=path, environ=environ, **sections)
+    return Config(routes=routes, providers=providers, path=path, environ=environ, **sections), problems
 
 
 def _toml_value(value: Any) -> str:

@@ -95,18 +95,20 @@ class PasswordProvider(Provider):
     def _counter(self, username: str) -> str:
         return "pwfail:" + hashlib.sha256(username.encode()).hexdigest()[:32]
 
-    async def _check_lockout(self, username: str) -> None:
-        count, left = await self.gateway.session_store.peek(self._counter(username))
-        if count >= self.settings.max_failures:
+    async def _count_attempt(self, username: str) -> None:
+        """Count this attempt *before* verifying (one atomic increment), so
+        concurrent guesses cannot all pass a check made before any of them
+        failed; a success clears the counter again."""
+        count, left = await self.gateway.session_store.hit(self._counter(username), self.settings.lockout_window)
+        if count > self.settings.max_failures:
             raise too_many("locked_out", "too many failed attempts for this username; try again later", left)
 
     async def _failed(self, username: str) -> GatewayError:
-        await self.gateway.session_store.hit(self._counter(username), self.settings.lockout_window)
         return invalid_credentials("the username or password is not correct")
 
     async def verify_credentials(self, username: str, password: str) -> str:
         """The user id for these credentials, or a 401/429 error."""
-        await self._check_lockout(username)
+        await self._count_attempt(username)
         identity = await self.gateway.profiles.get_identity(self.name, username)
         hashed = identity.data.get("hash", "") if identity else ""
         ok = await self._verify(hashed or self._dummy_hash, password)

@@ -107,6 +107,10 @@ class BaseHandler(tornado.web.RequestHandler):
                 raise invalid_request(f"field {name} is longer than {max_length} characters")
             if value == "" :
                 raise invalid_request(f"field {name} must not be empty")
+            try:  # JSON may carry lone surrogates ("\ud800"), which no UTF-8 consumer accepts
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise invalid_request(f"field {name} is not valid Unicode text") from None
         return value
 
     # -- errors ---------------------------------------------------------------

@@ -43,7 +43,9 @@ DROPPED = frozenset({"host", "content-length", "expect"})
 #: Content-Length is kept: the body is relayed byte for byte (no decompression).
 RESPONSE_DROPPED = HOP_BY_HOP
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+#: ``.``/``..`` segments, also with ``;params`` (``..;/``, as servlet containers
+#: read it) and with ``\`` as a separator (as some upstreams read it).
+_DOT_SEGMENT = re.compile(r"(^|[/\\])\.\.?(;[^/\\]*)?([/\\]|$)")
 
 
 def canonical(name: str) -> str:
@@ -67,8 +69,14 @@ class ProxyHandler(BaseHandler):
         if _DOT_SEGMENT.search(unquote(path)):
             raise invalid_request("the path must not contain . or .. segments")
         route = self.gateway.routes.match(path)
+        if route is not self.gateway.routes.match(unquote(path)):
+            # The upstream decodes the path: it must not land in another route's space.
+            raise invalid_request("the path must not percent-encode its route prefix")
         if route is None:
             raise not_found(f"no route for {path}")
+        if self.request.method in ("GET", "HEAD") and self.body:
+            # The upstream client cannot send one (libcurl would turn a HEAD into a PUT).
+            raise invalid_request(f"a {self.request.method} request must not have a body")
         principal: Principal | None = None
         if route.auth != "public":
             principal = await self.get_principal()
@@ -214,11 +222,12 @@ class _ResponseRelay:
         first = tornado.httputil.parse_response_start_line(self.lines[0].strip())
         h.set_status(first.code, first.reason or "Unknown")
         headers = tornado.httputil.HTTPHeaders.parse("".join(self.lines[1:]))
+        connection_listed = {canonical(t.strip()) for v in headers.get_list("Connection") for t in v.split(",")}
         for name in ("Content-Type", "Date", "Server"):
             h.clear_header(name)
         for name, value in headers.get_all():
             key = canonical(name)
-            if key in RESPONSE_DROPPED or (key == "content-length" and first.code == 204):
+            if key in RESPONSE_DROPPED or key in connection_listed or (key == "content-length" and first.code == 204):
                 continue
             h.add_header(name, value)
 

@@ -69,6 +69,10 @@ local p = ARGV[4]
 local ok = redis.call('SET', p..'s:'..ARGV[1], ARGV[2], 'PX', ARGV[3], 'XX')
 if not ok then return 0 end
 redis.call('SET', p..'t:'..ARGV[5], ARGV[1], 'PX', ARGV[3])
+-- keep the user index alive as long as this session (a touch can outlive its first TTL)
+local ukey = p..'u:'..ARGV[8]
+redis.call('ZADD', ukey, ARGV[9], ARGV[1])
+if redis.call('PTTL', ukey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', ukey, ARGV[3]) end
 if ARGV[6] ~= '' then
   if tonumber(ARGV[7]) > 0 then
     redis.call('PEXPIRE', p..'t:'..ARGV[6], ARGV[7])
@@ -173,9 +177,10 @@ class RedisSessionStore(SessionStore):
         old = record.get("prev_token_hash") or "" if grace is not None else ""
         ok = await self._run(
             "save",
-            [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}"] + ([f"{p}t:{old}"] if old else []),
+            [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}", f"{p}u:{record['user_id']}"]
+            + ([f"{p}t:{old}"] if old else []),
             [record["id"], json.dumps(record), _ms(ttl), p, record["token_hash"], old,
-             _ms(min(grace, ttl)) if grace else 0],
+             _ms(min(grace, ttl)) if grace else 0, record["user_id"], record["created_at"]],
         )
         return bool(ok)
 

@@ -1,0 +1,394 @@
+"""Configuration loading and ``gateway check-config``.
+
+``load_config`` is exercised with dicts (what tomllib would hand it) and with
+real TOML files; the CLI is run as a subprocess, exactly as an operator would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import ConfigError, load_config, parse_duration, parse_size
+
+from conftest import FAST_ARGON2
+
+ROOT = Path(__file__).resolve().parent.parent
+GATEWAY_BIN = ROOT / ".venv" / "bin" / "gateway"
+LAUNCHER = ROOT / "bin" / "gateway"
+ROUTE = {"prefix": "/api/", "upstream": "http://127.0.0.1:9000"}
+
+
+def problems_of(data: dict, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(data=data, environ=environ or {})
+    assert info.value.problems, "a ConfigError must list its problems"
+    assert str(info.value) == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+def assert_named(problems: list[str], key: str) -> None:
+    assert any(p.startswith(key + ":") for p in problems), (key, problems)
+
+
+# ---------------------------------------------------------------------------
+# Value types
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, seconds", [
+    ("90s", 90.0), ("30m", 1800.0), ("12h", 43200.0), ("7d", 604800.0), (45, 45.0), (0, 0.0),
+    ("250ms", 0.25), ("1.5h", 5400.0), ("15", 15.0), (2.5, 2.5),
+])
+def test_durations(raw, seconds):
+    assert parse_duration(raw) == pytest.approx(seconds)
+    cfg = load_config(data={"sessions": {"rotation_grace": raw}}, environ={})
+    assert cfg.sessions.rotation_grace == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("raw", ["soon", "10 minutes", "-5s", "5w", "", True, [30], {"s": 1}, -1,
+                                 float("nan"), float("inf")])
+def test_bad_durations(raw):
+    with pytest.raises(ValueError):
+        parse_duration(raw)
+    assert_named(problems_of({"sessions": {"idle_timeout": raw}}), "sessions.idle_timeout")
+
+
+def test_positive_duration_rejects_zero():
+    assert_named(problems_of({"sessions": {"idle_timeout": 0}}), "sessions.idle_timeout")
+    assert_named(problems_of({"routes": [{**ROUTE, "request_timeout": "0s"}]}), "routes[0].request_timeout")
+
+
+@pytest.mark.parametrize("raw, size", [
+    ("10MiB", 10 * 2**20), ("1KiB", 1024), ("2GiB", 2 * 2**30), ("5MB", 5_000_000), ("512B", 512),
+    (1048576, 1048576), ("4096", 4096),
+])
+def test_sizes(raw, size):
+    assert parse_size(raw) == size
+    assert load_config(data={"server": {"max_body_size": raw}}, environ={}).server.max_body_size == size
+
+
+@pytest.mark.parametrize("raw", ["10 megabytes", "1.5MiB", "-1", -1, "10mib", True, 1.5, "", [1]])
+def test_bad_sizes(raw):
+    with pytest.raises(ValueError):
+        parse_size(raw)
+    assert_named(problems_of({"server": {"max_body_size": raw}}), "server.max_body_size")
+
+
+def test_defaults():
+    cfg = load_config(data={}, environ={})
+    assert cfg.server.port == 8080
+    assert cfg.server.max_body_size == 10 * 2**20
+    assert cfg.sessions.idle_timeout == 1800.0
+    assert cfg.sessions.absolute_timeout == 7 * 86400.0
+    assert cfg.sessions.store == "memory"
+    assert cfg.routes == []
+
+
+def test_route_defaults_and_values():
+    cfg = load_config(data={"routes": [ROUTE, {"prefix": "/p/", "upstream": "https://x.example/base/",
+                                               "auth": "public", "strip_prefix": True, "request_timeout": "2m"}]},
+                      environ={})
+    first, second = cfg.routes
+    assert (first.auth, first.strip_prefix, first.request_timeout, first.connect_timeout) == ("required", False,
+                                                                                            30.0, 5.0)
+    assert (second.auth, second.strip_prefix, second.request_timeout) == ("public", True, 120.0)
+    assert second.upstream == "https://x.example/base"
+
+
+# ---------------------------------------------------------------------------
+# Problems name their keys
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"server": {"port": "8080"}}, "server.port"),
+    ({"server": {"port": 70000}}, "server.port"),
+    ({"server": {"workers": 0}}, "server.workers"),
+    ({"server": {"host": 127}}, "server.host"),
+    ({"server": {"trusted_proxies": ["not-an-ip"]}}, "server.trusted_proxies"),
+    ({"server": {"trusted_proxies": "127.0.0.1"}}, "server.trusted_proxies"),
+    ({"server": {"auth_prefix": "auth"}}, "server.auth_prefix"),
+    ({"sessions": {"cookie_secure": "yes"}}, "sessions.cookie_secure"),
+    ({"sessions": {"store": "postgres"}}, "sessions.store"),
+    ({"sessions": {"max_per_user": -1}}, "sessions.max_per_user"),
+    ({"sessions": {"allowed_origins": ["https://ok.example/path"]}}, "sessions.allowed_origins"),
+    ({"sessions": {"cookie_samesite": "None", "cookie_secure": False}}, "sessions.cookie_samesite"),
+    ({"profiles": {"store": "mysql"}}, "profiles.store"),
+    ({"plugins": {"disabled": "password"}}, "plugins.disabled"),
+    ({"server": {"nope": 1}}, "server.nope"),
+    ({"sessions": {"idle_timout": "30m"}}, "sessions.idle_timout"),
+    ({"nope": {"x": 1}}, "nope"),
+    ({"server": 5}, "server"),
+    ({"routes": [{"prefix": "api", "upstream": "http://x"}]}, "routes[0].prefix"),
+    ({"routes": [{"prefix": "/a/", "upstream": "ftp://x"}]}, "routes[0].upstream"),
+    ({"routes": [{"prefix": "/a/"}]}, "routes[0].upstream"),
+    ({"routes": [{"upstream": "http://x"}]}, "routes[0].prefix"),
+    ({"routes": [{"prefix": "/a/", "upstream": "http://x", "auth": "maybe"}]}, "routes[0].auth"),
+    ({"routes": [{"prefix": "/a/", "upstream": "http://x", "extra": 1}]}, "routes[0].extra"),
+    ({"routes": [ROUTE, {**ROUTE}]}, "routes[1].prefix"),
+    ({"routes": {"prefix": "/a/"}}, "routes"),
+])
+def test_problem_names_its_key(data, key):
+    assert_named(problems_of(data), key)
+
+
+def test_every_problem_is_listed_at_once():
+    problems = problems_of({
+        "server": {"port": "x", "nope": True},
+        "sessions": {"idle_timeout": "soon", "cookie_secure": "yes"},
+        "profiles": {"store": "mysql"},
+        "routes": [{"prefix": "/a/", "upstream": "gopher://x"}],
+        "extra": {},
+    })
+    for key in ("server.port", "server.nope", "sessions.idle_timeout", "sessions.cookie_secure",
+                "profiles.store", "routes[0].upstream", "extra"):
+        assert_named(problems, key)
+    assert len(problems) == 7, problems
+
+
+def test_memory_store_needs_one_worker():
+    assert_named(problems_of({"server": {"workers": 2}, "sessions": {"store": "memory"}}), "sessions.store")
+    # The default store is memory too.
+    assert_named(problems_of({"server": {"workers": 2}}), "sessions.store")
+    cfg = load_config(data={"server": {"workers": 2}, "sessions": {"store": "redis"}}, environ={})
+    assert cfg.server.workers == 2
+
+
+@pytest.mark.parametrize("prefix", ["/auth/", "/auth", "/auth/x/"])
+def test_route_under_auth_prefix_is_an_error(prefix):
+    problems = problems_of({"routes": [ROUTE, {"prefix": prefix, "upstream": "http://127.0.0.1:9000"}]})
+    assert_named(problems, "routes[1].prefix")
+    assert "auth_prefix" in " ".join(problems)
+
+
+def test_route_under_custom_auth_prefix():
+    assert_named(problems_of({"server": {"auth_prefix": "/gw"}, "routes": [{**ROUTE, "prefix": "/gw/x/"}]}),
+                 "routes[0].prefix")
+    # /auth/ is an ordinary prefix once auth_prefix moved, and /authz/ never was under /auth.
+    cfg = load_config(data={"server": {"auth_prefix": "/gw"}, "routes": [{**ROUTE, "prefix": "/auth/"}]},
+                      environ={})
+    assert cfg.routes[0].prefix == "/auth/"
+    assert load_config(data={"routes": [{**ROUTE, "prefix": "/authz/"}]}, environ={}).routes[0].prefix == "/authz/"
+
+
+# ---------------------------------------------------------------------------
+# Secrets and the environment
+# ---------------------------------------------------------------------------
+
+
+def test_secret_from_environment():
+    cfg = load_config(data={"sessions": {"store": "redis", "redis_url_env": "GW_REDIS"}},
+                      environ={"GW_REDIS": "redis://:s3cret@10.0.0.5:6380/2"})
+    assert cfg.sessions.redis_url == "redis://:s3cret@10.0.0.5:6380/2"
+
+
+def test_environ_defaults_to_process_environment(monkeypatch):
+    monkeypatch.setenv("GW_TEST_REDIS_URL", "redis://127.0.0.1:6390/1")
+    cfg = load_config(data={"sessions": {"redis_url_env": "GW_TEST_REDIS_URL"}})
+    assert cfg.sessions.redis_url == "redis://127.0.0.1:6390/1"
+
+
+def test_missing_environment_variable_is_an_error():
+    problems = problems_of({"sessions": {"redis_url_env": "GW_NOT_SET"}}, environ={"OTHER": "x"})
+    assert_named(problems, "sessions.redis_url_env")
+    assert "GW_NOT_SET" in problems[0]
+
+
+def test_env_name_must_be_a_string_and_not_both():
+    assert_named(problems_of({"sessions": {"redis_url_env": 5}}), "sessions.redis_url_env")
+    assert_named(problems_of({"sessions": {"redis_url": "redis://x", "redis_url_env": "V"}}, {"V": "redis://y"}),
+                 "sessions.redis_url")
+
+
+def test_env_suffix_only_for_secrets():
+    assert_named(problems_of({"sessions": {"cookie_name_env": "V"}}, {"V": "sid"}), "sessions.cookie_name_env")
+
+
+@pytest.mark.parametrize("data, environ, secret", [
+    ({"sessions": {"redis_url": "http://user:hunter2-inline@redis.example"}}, {}, "hunter2-inline"),
+    ({"sessions": {"redis_url_env": "R"}}, {"R": "mysql://root:hunter2-env@db"}, "hunter2-env"),
+    ({"sessions": {"redis_url": 12345678}}, {}, "12345678"),
+    ({"profiles": {"mongodb_url": ["mongodb://u:hunter2-mongo@h"]}}, {}, "hunter2-mongo"),
+    ({"profiles": {"mongodb_url_env": "M"}, "server": {"port": "x"}}, {"M": "mongodb://u:hunter2-ok@h"},
+     "hunter2-ok"),
+])
+def test_secret_values_never_appear_in_problems(data, environ, secret):
+    problems = problems_of(data, environ)
+    assert secret not in "\n".join(problems)
+    with pytest.raises(ConfigError) as info:
+        load_config(data=data, environ=environ)
+    assert secret not in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# Providers (validated when the gateway is built)
+# ---------------------------------------------------------------------------
+
+
+def gateway_problems(data: dict, tmp_path: Path) -> list[str]:
+    data = {"profiles": {"sqlite_path": str(tmp_path / "p.db")}, **data}
+    cfg = load_config(data=data, environ={})
+    with pytest.raises(ConfigError) as info:
+        Gateway(cfg)
+    return info.value.problems
+
+
+def test_unknown_provider_is_an_error(tmp_path):
+    problems = gateway_problems({"providers": {"nosuch": {"x": 1}, "password": dict(FAST_ARGON2)}}, tmp_path)
+    assert_named(problems, "providers.nosuch")
+    assert len(problems) == 1, problems
+
+
+def test_bad_provider_option_is_an_error(tmp_path):
+    problems = gateway_problems({"providers": {"password": {"min_length": "x", "colour": "blue",
+                                                            "lockout_window": "soon"}}}, tmp_path)
+    assert_named(problems, "providers.password.min_length")
+    assert_named(problems, "providers.password.colour")
+    assert_named(problems, "providers.password.lockout_window")
+
+
+def test_good_provider_options(tmp_path):
+    cfg = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")},
+                            "providers": {"password": {"min_length": 12, "lockout_window": "1h", **FAST_ARGON2}}},
+                      environ={})
+    gw = Gateway(cfg)
+    assert "password" in gw.providers
+    assert gw.providers["password"].settings.min_length == 12
+    assert gw.providers["password"].settings.lockout_window == 3600.0
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+
+def test_load_file(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('[server]\nport = 9090\nmax_body_size = "1MiB"\n\n[[routes]]\nprefix = "/api/"\n'
+                    'upstream = "http://127.0.0.1:9000"\n')
+    cfg = load_config(str(path), environ={})
+    assert cfg.server.port == 9090
+    assert cfg.server.max_body_size == 2**20
+    assert cfg.routes[0].prefix == "/api/"
+    assert cfg.path == str(path)
+
+
+@pytest.mark.parametrize("content", [b"[server\nport = 1\n", b"\xff\xfe[server]\n"])
+def test_unparsable_file(tmp_path, content):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ={})
+    assert info.value.problems[0].startswith(str(path) + ":")
+
+
+def test_missing_or_unreadable_file(tmp_path):
+    for path in (tmp_path / "missing.toml", tmp_path):
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path), environ={})
+        assert info.value.problems[0].startswith(str(path) + ":")
+
+
+def test_shipped_config_is_valid():
+    cfg = load_config(str(ROOT / "conf" / "gateway.toml"), environ={})
+    assert [r.prefix for r in cfg.routes] == ["/api/", "/public/"]
+
+
+# ---------------------------------------------------------------------------
+# gateway check-config, as a subprocess
+# ---------------------------------------------------------------------------
+
+
+def run(argv: list[str], cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GW_")}
+    environ.update(env)
+    return subprocess.run(argv, cwd=cwd, env=environ, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_check_config_ok():
+    p = run([str(GATEWAY_BIN), "check-config", "--config", "conf/gateway.toml"])
+    assert p.returncode == 0, p.stderr
+    assert "OK" in p.stdout
+    assert "password" in p.stdout
+
+
+BAD_TOML = """
+[server]
+port = "eighty"
+
+[sessions]
+idle_timeout = "soon"
+redis_url = "http://user:cli-secret-value@host"
+"""
+
+
+def test_cli_check_config_lists_every_problem(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_TOML)
+    p = run([str(GATEWAY_BIN), "check-config", "--config", str(path)])
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "server.port" in p.stderr
+    assert "sessions.idle_timeout" in p.stderr
+    assert "sessions.redis_url" in p.stderr
+    assert "cli-secret-value" not in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr
+
+
+def test_cli_check_config_provider_problems(tmp_path):
+    path = tmp_path / "prov.toml"
+    path.write_text(f'[profiles]\nsqlite_path = "{tmp_path / "p.db"}"\n\n[providers.nosuch]\nx = 1\n\n'
+                    '[providers.password]\nmin_length = "x"\n')
+    p = run([str(GATEWAY_BIN), "check-config", "--config", str(path)])
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "providers.nosuch" in p.stderr
+    assert "providers.password.min_length" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_cli_check_config_lists_core_and_provider_problems_together(tmp_path):
+    path = tmp_path / "both.toml"
+    path.write_text('[sessions]\nidle_timeout = "soon"\n\n[providers.password]\nmin_length = "x"\n\n'
+                    '[[routes]]\nupstream = "ftp://x"\n')
+    p = run([str(GATEWAY_BIN), "check-config", "--config", str(path)])
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    for key in ("sessions.idle_timeout", "providers.password.min_length", "routes[0].prefix", "routes[0].upstream"):
+        assert key in p.stderr
+    assert "4 problem(s)" in p.stderr
+
+
+@pytest.mark.parametrize("name, content", [("missing.toml", None), ("broken.toml", "[server\n"),
+                                           ("latin1.toml", b"# caf\xe9\n"), ("dir", "dir")])
+def test_cli_check_config_unreadable(tmp_path, name, content):
+    path = tmp_path / name
+    if content == "dir":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    p = run([str(GATEWAY_BIN), "check-config", "--config", str(path)])
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert str(path) in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_launcher_script(tmp_path):
+    # From the checkout, through whatever python3 is on PATH (it re-executes into .venv).
+    p = run([str(LAUNCHER), "check-config", "--config", "conf/gateway.toml"])
+    assert p.returncode == 0, p.stderr
+    assert "OK" in p.stdout
+    # From elsewhere, by absolute paths.
+    p = run([sys.executable, str(LAUNCHER), "check-config", "--config", str(ROOT / "conf" / "gateway.toml")],
+            cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BAD_TOML)
+    p = run([str(LAUNCHER), "check-config", "--config", str(bad)], cwd=tmp_path)
+    assert p.returncode == 2
+    assert "server.port" in p.stderr and "sessions.idle_timeout" in p.stderr
