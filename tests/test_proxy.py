@@ -24,7 +24,7 @@ import tornado.web
 import gateway
 from gateway.plugins import get_plugin_manager
 
-from conftest import RecordingHandler, Upstream, base_config, body, cookie_value, free_port
+from conftest import RecordingHandler, Upstream, base_config, body, free_port
 
 IDENTITY = {"x-user-id", "x-auth-provider", "x-session-id", "x-auth-scopes"}
 LEAK_MARKERS = ("Traceback", "Error(", "HTTPClientError", "CurlError", "HTTPTimeoutError", "StreamClosedError",
@@ -396,6 +396,27 @@ async def test_request_id(gw, upstream):
         got = upstream.last.header("X-Request-Id")
         assert got and got != bad
         assert r.headers.get("X-Request-Id") == got
+
+
+@pytest.mark.gen_test
+async def test_error_responses_carry_the_request_id_too(gw, upstream):
+    r = await gw.client.request("GET", "/api/x", headers={"X-Request-Id": "trace-401"})
+    assert r.code == 401 and r.headers.get("X-Request-Id") == "trace-401"
+    r = await gw.client.request("GET", "/nowhere")
+    assert r.code == 404 and r.headers.get("X-Request-Id")
+    r = await gw.client.request("GET", "/auth/session", headers={"X-Request-Id": "trace-auth"})
+    assert r.code == 401 and r.headers.get("X-Request-Id") == "trace-auth"
+
+
+@pytest.mark.gen_test
+async def test_oversized_chunked_body_is_a_json_413(make_gateway, upstream, tmp_path):
+    rg = await make_gateway(base_config(upstream.url, tmp_path, server={"max_body_size": "8KiB"}))
+    chunks = b"".join(b"400\r\n" + b"a" * 1024 + b"\r\n" for _ in range(12)) + b"0\r\n\r\n"
+    request = raw("POST", "/public/upload", [("Transfer-Encoding", "chunked"), ("Connection", "close")]) + chunks
+    status, _, data = await raw_request(rg.port, request)
+    assert status == 413
+    assert json.loads(data)["error"] == "payload_too_large"
+    assert not any(seen.path == "/public/upload" for seen in upstream.seen)
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
+import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("gateway.app")
 
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MISSING = object()
 
@@ -61,15 +64,24 @@ class BaseHandler(tornado.web.RequestHandler):
                 raise invalid_request("Content-Length is not a number") from None
             if declared > limit:
                 raise self._too_large(limit)
-        self.request.connection.set_max_body_size(limit + 1)  # type: ignore[union-attr]
+        # Leave room past the limit so that data_received, not the connection,
+        # notices an oversized chunked body and answers with a JSON 413.
+        self.request.connection.set_max_body_size(2 * limit + 65536)  # type: ignore[union-attr]
 
     def _too_large(self, limit: int) -> GatewayError:
         return GatewayError("payload_too_large", f"the request body exceeds the {limit}-byte limit")
 
     def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
         self._body_size += len(chunk)
         if self._body_size > self.max_body_size:
-            raise self._too_large(self.max_body_size)
+            # A chunked body has no Content-Length to refuse up front: answer
+            # now (raising here would only drop the connection) and let the
+            # connection close once the response is out.
+            self._chunks = []
+            self.send_error(413, exc_info=(GatewayError, self._too_large(self.max_body_size), None))
+            return
         self._chunks.append(chunk)
 
     @property
@@ -143,7 +155,19 @@ class BaseHandler(tornado.web.RequestHandler):
             log.error("uncaught exception in %s %s", self.request.method, self.request.path, exc_info=(typ, value, tb))
 
     def set_default_headers(self) -> None:
+        # Every response, errors included, names its request for the logs.
         self.clear_header("Server")
+        self.set_header("X-Request-Id", self.request_id)
+
+    @property
+    def request_id(self) -> str:
+        """The client's well-formed X-Request-Id, or a fresh one."""
+        rid = getattr(self, "_request_id", None)
+        if rid is None:
+            given = self.request.headers.get("X-Request-Id", "")
+            rid = given if _REQUEST_ID.match(given) else secrets.token_hex(16)
+            self._request_id = rid
+        return rid
 
     # -- who is calling ---------------------------------------------------------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -42,7 +41,6 @@ GATEWAY_OWNED = frozenset(h.lower() for h in IDENTITY_HEADERS) | {
 DROPPED = frozenset({"host", "content-length", "expect"})
 #: Content-Length is kept: the body is relayed byte for byte (no decompression).
 RESPONSE_DROPPED = HOP_BY_HOP
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 #: ``.``/``..`` segments, also with ``;params`` (``..;/``, as servlet containers
 #: read it) and with ``\`` as a separator (as some upstreams read it).
 _DOT_SEGMENT = re.compile(r"(^|[/\\])\.\.?(;[^/\\]*)?([/\\]|$)")
@@ -123,15 +121,6 @@ class ProxyHandler(BaseHandler):
                 out["X-Auth-Scopes"] = " ".join(principal.scopes)
         return out
 
-    @property
-    def request_id(self) -> str:
-        rid = getattr(self, "_request_id", None)
-        if rid is None:
-            given = self.request.headers.get("X-Request-Id", "")
-            rid = given if _REQUEST_ID.match(given) else secrets.token_hex(16)
-            self._request_id = rid
-        return rid
-
     async def forward(self, route: Route, principal: Principal | None) -> None:
         headers = self.upstream_request_headers(route, principal)
         for extra in await self.gateway.upstream_headers(self.request, principal, route):
@@ -154,7 +143,6 @@ class ProxyHandler(BaseHandler):
             header_callback=upstream_response.on_header_line,
             streaming_callback=upstream_response.on_chunk,
         )
-        self.set_header("X-Request-Id", self.request_id)
         try:
             response = await self.gateway.http_client.fetch(request, raise_error=False)
         except tornado.httpclient.HTTPClientError as exc:
