@@ -889,3 +889,18 @@ async def test_no_secrets_in_logs(gw, upstream, caplog):
         assert secret not in text
     for token in (reg["token"], login["token"], refreshed):
         assert TOKEN_RE.match(token).group(1) not in text
+
+
+@pytest.mark.gen_test
+async def test_password_is_rehashed_on_login_when_the_cost_parameters_change(start):
+    gw1 = await start()
+    reg = await gw1.client.register()
+    old_hash = (await gw1.gateway.profiles.get_identity("password", "alice")).data["hash"]
+    assert "t=1," in old_hash
+    await gw1.gateway.stop()  # the same SQLite file, opened by a gateway with new parameters
+    gw2 = await start(providers={"password": {"time_cost": 2}})
+    login = await gw2.client.login()
+    assert login["user"]["id"] == reg["user"]["id"]
+    new_hash = (await gw2.gateway.profiles.get_identity("password", "alice")).data["hash"]
+    assert "t=2," in new_hash and new_hash != old_hash
+    assert (await gw2.client.login())["user"]["id"] == reg["user"]["id"]

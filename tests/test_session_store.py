@@ -143,3 +143,17 @@ async def test_store_ttl_is_min_of_idle_and_absolute(redis_url, redis_server):
         assert token not in raw_keys and hash_token(token) in raw_keys
     finally:
         await store.close()
+
+
+@pytest.mark.gen_test
+async def test_memory_store_sweeps_what_expired():
+    store = MemorySessionStore()
+    await store.create(record("old"), 0.05, 0)
+    await store.hit("counter", 0.05)
+    await store.create(record("live"), 60, 0)
+    await asyncio.sleep(0.1)
+    store.sweep()
+    assert set(store._sessions) == {"live"}
+    assert list(store._tokens) == [hash_token("tok-live")]
+    assert store._counters == {}
+    assert list(store._users["u1"]) == ["live"]

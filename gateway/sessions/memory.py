@@ -17,11 +17,30 @@ class MemorySessionStore(SessionStore):
     name = "memory"
     shared = False
 
+    #: every this many writes, expired entries are swept (Redis does this with TTLs)
+    SWEEP_EVERY = 1000
+
     def __init__(self) -> None:
         self._sessions: dict[str, tuple[Record, float]] = {}
         self._tokens: dict[str, tuple[str, float]] = {}
         self._users: dict[str, dict[str, float]] = {}
         self._counters: dict[str, tuple[int, float]] = {}
+        self._writes = 0
+
+    def _count_write(self) -> None:
+        self._writes += 1
+        if self._writes % self.SWEEP_EVERY == 0:
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Forget expired sessions, token entries and counters."""
+        now = time.time()
+        for session_id in [sid for sid, (_, deadline) in self._sessions.items() if deadline <= now]:
+            self._live_session(session_id)
+        for token_hash in [h for h, (_, deadline) in self._tokens.items() if deadline <= now]:
+            self._tokens.pop(token_hash, None)
+        for key in [k for k, (_, end) in self._counters.items() if end <= now]:
+            self._counters.pop(key, None)
 
     def _live_session(self, session_id: str) -> Record | None:
         item = self._sessions.get(session_id)
@@ -46,6 +65,7 @@ class MemorySessionStore(SessionStore):
                 self._users.pop(record["user_id"], None)
 
     async def create(self, record: Record, ttl: float, max_per_user: int) -> list[Record]:
+        self._count_write()
         deadline = time.time() + ttl
         self._sessions[record["id"]] = (copy.deepcopy(record), deadline)
         self._tokens[record["token_hash"]] = (record["id"], deadline)
@@ -110,6 +130,7 @@ class MemorySessionStore(SessionStore):
         return out
 
     async def hit(self, key: str, window: float) -> tuple[int, float]:
+        self._count_write()
         now = time.time()
         count, end = self._counters.get(key, (0, 0.0))
         if end <= now:
