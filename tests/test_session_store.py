@@ -157,3 +157,27 @@ async def test_memory_store_sweeps_what_expired():
     assert list(store._tokens) == [hash_token("tok-live")]
     assert store._counters == {}
     assert list(store._users["u1"]) == ["live"]
+
+
+@pytest.mark.gen_test
+async def test_redis_store_over_a_unix_socket(tmp_path):
+    import shutil
+    import subprocess
+
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", str(sock),
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        store = RedisSessionStore(f"unix://{sock}?db=0")
+        await store.open()
+        await store.create(record("s1"), 60, 0)
+        assert (await store.lookup(hash_token("tok-s1")))["id"] == "s1"
+        await store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
