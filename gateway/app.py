@@ -73,7 +73,7 @@ class Gateway:
         found = []
         for impl in reversed(self.pm.hook.gateway_providers.get_hookimpls()):
             try:
-                result = impl.function(**{a: self for a in impl.argnames})
+                result: Any = impl.function(**{a: self for a in impl.argnames})
             except Exception as exc:
                 raise ConfigError([f"plugin {impl.plugin_name!r}: gateway_providers failed: {exc!r}"]) from exc
             for cls in result or ():
@@ -126,6 +126,13 @@ class Gateway:
             self.http_client = None
         await self.session_store.close()
         await self.profiles.close()
+
+    @property
+    def upstream_client(self) -> tornado.httpclient.AsyncHTTPClient:
+        """The pooled client for upstream requests (created by :meth:`start`)."""
+        if self.http_client is None:
+            raise RuntimeError("Gateway.start() has not been called")
+        return self.http_client
 
     def auth_path(self, *parts: str) -> str:
         """A route pattern under ``auth_prefix`` (parts may be regexes)."""

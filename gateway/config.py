@@ -83,7 +83,7 @@ def _str_list(value: Any) -> list[str]:
     return list(value)
 
 
-def _networks(value: Any) -> list[ipaddress._BaseNetwork]:
+def _networks(value: Any) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     out = []
     for item in _str_list(value):
         try:

@@ -144,12 +144,10 @@ class ProxyHandler(BaseHandler):
             streaming_callback=upstream_response.on_chunk,
         )
         try:
-            response = await self.gateway.http_client.fetch(request, raise_error=False)
-        except tornado.httpclient.HTTPClientError as exc:
-            response = getattr(exc, "response", None)
-            if response is None or response.code == 599:
-                raise self._upstream_failure(route, exc) from None
-        except (OSError, tornado.iostream.StreamClosedError) as exc:
+            response = await self.gateway.upstream_client.fetch(request, raise_error=False)
+        except (tornado.httpclient.HTTPClientError, OSError, tornado.iostream.StreamClosedError) as exc:
+            # raise_error=False: only transport failures (timeouts, refused
+            # connections, the upstream hanging up) arrive here.
             raise self._upstream_failure(route, exc) from None
         if response.code == 599:
             raise self._upstream_failure(route, response.error)

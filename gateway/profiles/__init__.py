@@ -1,11 +1,13 @@
 """Profile stores: users, profile fields and linked identities."""
 
+from typing import Any
+
 from gateway.profiles.base import Identity, ProfileStore, User, identity_key, new_user_id
 
 __all__ = ["Identity", "ProfileStore", "User", "identity_key", "new_user_id", "open_profile_store"]
 
 
-def open_profile_store(settings: dict) -> ProfileStore:
+def open_profile_store(settings: Any) -> ProfileStore:
     """Build (not yet open) the store named by the ``[profiles]`` section."""
     kind = settings["store"]
     if kind == "sqlite":

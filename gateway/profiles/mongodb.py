@@ -318,7 +318,8 @@ class MongoProfileStore(ProfileStore):
             if await self._identities.find_one({"_id": key}, projection={"_id": 1}) is not None:
                 raise Conflict("that identity is already registered")
         now = utcnow()
-        user_doc = {"_id": new_user_id(), "profile": dict(profile or {}), "created_at": now, "updated_at": now}
+        user_id = new_user_id()
+        user_doc: dict[str, Any] = {"_id": user_id, "profile": dict(profile or {}), "created_at": now, "updated_at": now}
         link_doc = {
             "_id": key,
             "provider": provider,
@@ -333,14 +334,14 @@ class MongoProfileStore(ProfileStore):
             with self._errors_except_duplicate():
                 await self._identities.insert_one(link_doc)
         except DuplicateKeyError:
-            await self._discard_user(user_doc["_id"])
+            await self._discard_user(user_id)
             raise Conflict("that identity is already registered") from None
         except StoreUnavailable:
             # The link may or may not have been written; only drop the user
             # if it definitely has no link.
             with contextlib.suppress(PyMongoError, StoreUnavailable):
-                if await self._identities.find_one({"_id": key, "user_id": user_doc["_id"]}) is None:
-                    await self._discard_user(user_doc["_id"])
+                if await self._identities.find_one({"_id": key, "user_id": user_id}) is None:
+                    await self._discard_user(user_id)
             raise
         return _user(user_doc), _identity(link_doc)
 

@@ -197,7 +197,7 @@ class RedisSessionStore(SessionStore):
     async def list_user(self, user_id: str) -> list[Record]:
         ukey = f"{self._prefix}u:{user_id}"
         try:
-            ids = await self.client.zrange(ukey, 0, -1)
+            ids: list[Any] = await self.client.zrange(ukey, 0, -1)  # type: ignore[assignment]
             if not ids:
                 return []
             raws = await self.client.mget([f"{self._prefix}s:{i}" for i in ids])
@@ -216,7 +216,9 @@ class RedisSessionStore(SessionStore):
         k = f"{self._prefix}c:{key}"
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                count, pttl = await pipe.get(k).pttl(k).execute()
+                pipe.get(k)
+                pipe.pttl(k)
+                count, pttl = await pipe.execute()
         except RedisError as exc:
             raise self._unavailable(exc) from None
         if count is None:
