@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from gateway.config import Section
+
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,11 @@ class Route:
         return path == self.prefix or path.startswith(self.prefix + "/")
 
     def upstream_url(self, path: str, query: str) -> str:
+        """The upstream URL for a request's path and query, as the client sent
+        them, with anything not allowed raw in a URL percent-encoded (Tornado
+        hands the request line over decoded as Latin-1; the bytes are UTF-8)."""
+        path = quote(path.encode("latin-1", "replace"), safe=_PATH_SAFE)
+        query = quote(query.encode("latin-1", "replace"), safe=_QUERY_SAFE)
         if self.strip_prefix:
             path = path[len(self.prefix.rstrip("/")):]
             if not path.startswith("/"):

@@ -904,3 +904,17 @@ async def test_password_is_rehashed_on_login_when_the_cost_parameters_change(sta
     new_hash = (await gw2.gateway.profiles.get_identity("password", "alice")).data["hash"]
     assert "t=2," in new_hash and new_hash != old_hash
     assert (await gw2.client.login())["user"]["id"] == reg["user"]["id"]
+
+
+@pytest.mark.gen_test
+async def test_concurrent_refreshes_with_one_token_yield_exactly_one_new_token(start, redis_url):
+    gw = await start(sessions={"store": "redis", "redis_url": redis_url})
+    reg = await gw.client.register()
+    results = await asyncio.gather(*(gw.client.request("POST", "/auth/refresh", token=reg["token"]) for _ in range(5)))
+    codes = sorted(r.code for r in results)
+    assert codes == [200, 401, 401, 401, 401]
+    winner = next(body(r)["token"] for r in results if r.code == 200)
+    assert (await gw.client.request("GET", "/auth/session", token=winner)).code == 200
+    for r in results:
+        if r.code == 401:
+            assert "already refreshed" in body(r)["message"]

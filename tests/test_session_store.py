@@ -181,3 +181,29 @@ async def test_redis_store_over_a_unix_socket(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.gen_test
+async def test_save_is_compare_and_set_on_the_current_token(store):
+    """A touch that read the record before a /refresh must not undo the rotation."""
+    rec = record("s1")
+    await store.create(rec, 60, 0)
+    stale = dict(rec, last_seen_at=rec["last_seen_at"] + 5)      # what a concurrent request read
+    rotated = dict(rec, prev_token_hash=rec["token_hash"], token_hash=hash_token("new"))
+    assert await store.rotate(rotated, 60, 5) is True
+    assert await store.save(stale, 60) is False                      # the touch loses
+    assert (await store.get("s1"))["token_hash"] == hash_token("new")
+    assert await store.rotate(dict(rotated, token_hash=hash_token("newer")), 60, 5) is False  # a second refresh too
+
+
+@pytest.mark.gen_test
+async def test_manager_touch_racing_a_refresh_keeps_the_new_token(store):
+    mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0, rotation_grace=0.2)
+    token, session = await mgr.create("u1", "password")
+    seen_by_request = await mgr.authenticate(token)                  # request A reads...
+    new_token, _ = await mgr.refresh(Session.from_record(seen_by_request.to_record()))  # ...a refresh lands...
+    assert await store.save(seen_by_request.to_record(), 60) is False  # ...and A's touch cannot write
+    assert (await mgr.authenticate(token)) is not None               # old token: still in its grace
+    await asyncio.sleep(0.3)
+    assert await mgr.authenticate(token) is None
+    assert (await mgr.authenticate(new_token)).id == session.id

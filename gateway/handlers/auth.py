@@ -7,10 +7,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import GatewayError, not_found
+from gateway.errors import GatewayError, not_found, unauthenticated
 from gateway.handlers.base import BaseHandler
 from gateway.providers import LoginResult, Provider
 from gateway.requestinfo import Principal
+from gateway.sessions.manager import SupersededToken
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.app import Gateway
@@ -68,8 +69,9 @@ class RefreshHandler(AuthHandler):
         try:
             token, session = await self.gateway.sessions.refresh(principal.session)
         except LookupError:
-            raise GatewayError("unauthenticated", "the session has ended",
-                               headers={"WWW-Authenticate": 'Bearer realm="gateway"'}) from None
+            raise unauthenticated("the session has ended") from None
+        except SupersededToken:
+            raise unauthenticated("this token was already refreshed; use the newer token") from None
         self.set_session_cookie(token, session.absolute_expires_at - time.time())
         self.write_json({"token": token, "token_type": "Bearer", "expires_at": session.public()["expires_at"],
                          "session": session.public()})

@@ -94,13 +94,17 @@ class BaseHandler(tornado.web.RequestHandler):
         """The body as a JSON object, or a 400 that says what is wrong."""
         if not self.body.strip():
             raise invalid_request("the request body must be a JSON object")
-        ctype = self.request.headers.get("Content-Type", "application/json").split(";")[0].strip().lower()
-        if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-            raise invalid_request(f"expected Content-Type application/json, got {ctype}")
+        # Required, not assumed: a cross-site page can post a body without
+        # a CORS preflight only as text/plain or a form, never as JSON.
+        ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise invalid_request(f"expected Content-Type application/json, got {ctype or 'none'}")
         try:
             value = json.loads(self.body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise invalid_request(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise invalid_request("the request body is not valid JSON: nested too deeply") from None
         if not isinstance(value, dict):
             raise invalid_request("the request body must be a JSON object")
         return value
@@ -203,6 +207,15 @@ class BaseHandler(tornado.web.RequestHandler):
                 return proto
         return self.request.protocol
 
+    @property
+    def client_host(self) -> str:
+        """The Host the client addressed (a trusted proxy's X-Forwarded-Host)."""
+        if self.peer_is_trusted:
+            forwarded = self.request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+            if forwarded:
+                return forwarded
+        return self.request.host
+
     def session_token(self) -> str | None:
         """The gateway token this request presents (Bearer first, then cookie)."""
         auth = self.request.headers.get("Authorization", "")
@@ -253,11 +266,14 @@ class BaseHandler(tornado.web.RequestHandler):
         if not origin or origin == "null":
             referer = self.request.headers.get("Referer")
             if referer:
-                parts = urlsplit(referer)
-                origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
+                try:
+                    parts = urlsplit(referer)
+                    origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
+                except ValueError:  # not a URL: no origin to believe
+                    origin = None
         if origin:
             origin = origin.lower()
-            own = f"{self.client_scheme}://{self.request.host}".lower()
+            own = f"{self.client_scheme}://{self.client_host}".lower()
             if origin == own or origin in self.gateway.config.sessions.allowed_origins:
                 return
         raise GatewayError(

@@ -34,9 +34,14 @@ HOP_BY_HOP = frozenset({
 #: Header names only the gateway may set (compared after lower-casing and ``_`` -> ``-``).
 IDENTITY_HEADERS = ("X-User-Id", "X-Auth-Provider", "X-Session-Id", "X-Auth-Scopes")
 GATEWAY_OWNED = frozenset(h.lower() for h in IDENTITY_HEADERS) | {
-    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "forwarded",
-    "x-real-ip",
+    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
 }
+#: Believed by upstreams as facts about the client or the original request:
+#: passed on only from a trusted proxy (any ``X-Forwarded-*`` name too).
+CLIENT_FACTS = frozenset({
+    "forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip",
+    "x-original-url", "x-rewrite-url", "x-original-host", "x-host",
+})
 #: Never forwarded: recomputed by the client library or meaningless after buffering.
 DROPPED = frozenset({"host", "content-length", "expect"})
 #: Content-Length is kept: the body is relayed byte for byte (no decompression).
@@ -44,6 +49,27 @@ RESPONSE_DROPPED = HOP_BY_HOP
 #: ``.``/``..`` segments, also with ``;params`` (``..;/``, as servlet containers
 #: read it) and with ``\`` as a separator (as some upstreams read it).
 _DOT_SEGMENT = re.compile(r"(^|[/\\])\.\.?(;[^/\\]*)?([/\\]|$)")
+#: Control characters, and a raw ``#`` (a client never sends a fragment; the
+#: upstream client would cut the path there).
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f#]")
+#: Stop reading from the upstream while this much is still queued for a slow client...
+HIGH_WATER = 4 << 20
+#: ...and start again once it is down to this.
+LOW_WATER = 1 << 20
+
+
+def path_readings(path: str) -> list[str]:
+    """The ways an upstream may read ``path``: percent-decoded, with ``\\``
+    as ``/``, repeated slashes collapsed and ``;params`` removed."""
+    decoded = unquote(path)
+    folded = re.sub(r"[/\\]+", "/", decoded)
+    return [decoded, folded, re.sub(r";[^/]*", "", folded)]
+
+
+def is_cors_preflight(request: tornado.httputil.HTTPServerRequest) -> bool:
+    """A browser's CORS preflight: it never carries credentials."""
+    h = request.headers
+    return request.method == "OPTIONS" and "Origin" in h and "Access-Control-Request-Method" in h
 
 
 def canonical(name: str) -> str:
@@ -62,21 +88,29 @@ class ProxyHandler(BaseHandler):
     def compute_etag(self) -> None:
         return None  # the upstream's ETag, if any, is relayed as is
 
-    async def _handle(self, *args: Any) -> None:
-        path = self.request.path
-        if _DOT_SEGMENT.search(unquote(path)):
+    def route_for(self, path: str) -> Route | None:
+        """The route for ``path``, refusing paths an upstream could read as
+        belonging to another route (which would bypass that route's auth)."""
+        if _FORBIDDEN.search(path) or _FORBIDDEN.search(unquote(path).replace("#", "")):
+            raise invalid_request("the path must not contain control characters or a raw '#'")
+        readings = path_readings(path)
+        if _DOT_SEGMENT.search(readings[0]):
             raise invalid_request("the path must not contain . or .. segments")
         route = self.gateway.routes.match(path)
-        if route is not self.gateway.routes.match(unquote(path)):
-            # The upstream decodes the path: it must not land in another route's space.
-            raise invalid_request("the path must not percent-encode its route prefix")
+        if any(self.gateway.routes.match(r) is not route for r in readings):
+            raise invalid_request("the path is ambiguous: an upstream could read it as another route's path "
+                                  "(percent-encoded prefix, '\\', '//' or ';' parameters)")
+        return route
+
+    async def _handle(self, *args: Any) -> None:
+        route = self.route_for(self.request.path)
         if route is None:
-            raise not_found(f"no route for {path}")
+            raise not_found(f"no route for {self.request.path}")
         if self.request.method in ("GET", "HEAD") and self.body:
             # The upstream client cannot send one (libcurl would turn a HEAD into a PUT).
             raise invalid_request(f"a {self.request.method} request must not have a body")
         principal: Principal | None = None
-        if route.auth != "public":
+        if route.auth != "public" and not is_cors_preflight(self.request):
             principal = await self.get_principal()
             if principal is None and route.auth == "required":
                 raise unauthenticated()
@@ -96,7 +130,9 @@ class ProxyHandler(BaseHandler):
             key = canonical(name)
             if key in HOP_BY_HOP or key in connection_listed or key in GATEWAY_OWNED or key in DROPPED or key in strip:
                 continue
-            if key == "authorization" and value.split(" ", 1)[-1].strip().startswith("gws_"):
+            if (key in CLIENT_FACTS or key.startswith("x-forwarded-")) and not self.peer_is_trusted:
+                continue
+            if key == "authorization" and "gws_" in value:
                 continue
             if key == "cookie":
                 value = _without_cookie(value, cookie_name)
@@ -108,8 +144,7 @@ class ProxyHandler(BaseHandler):
         peer = self.request.remote_ip or ""
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior.strip() else peer
         out["X-Forwarded-Proto"] = self.client_scheme
-        forwarded_host = incoming.get("X-Forwarded-Host") if self.peer_is_trusted else None
-        out["X-Forwarded-Host"] = forwarded_host or self.request.host
+        out["X-Forwarded-Host"] = self.client_host
         out["X-Request-Id"] = self.request_id
         out["Host"] = self.request.host if route.preserve_host else route.upstream_host
         if principal is not None:
@@ -129,7 +164,7 @@ class ProxyHandler(BaseHandler):
                     headers[name] = value
         method = self.request.method or "GET"
         body = self.body
-        upstream_response = _ResponseRelay(self)
+        upstream_response = self._relay = _ResponseRelay(self)
         request = tornado.httpclient.HTTPRequest(
             route.upstream_url(self.request.path, self.request.query),
             method=method,
@@ -142,20 +177,32 @@ class ProxyHandler(BaseHandler):
             allow_nonstandard_methods=True,
             header_callback=upstream_response.on_header_line,
             streaming_callback=upstream_response.on_chunk,
+            prepare_curl_callback=upstream_response.attach,
         )
+        upstream_response.request = request
         try:
             response = await self.gateway.upstream_client.fetch(request, raise_error=False)
         except (tornado.httpclient.HTTPClientError, OSError, tornado.iostream.StreamClosedError) as exc:
             # raise_error=False: only transport failures (timeouts, refused
             # connections, the upstream hanging up) arrive here.
             raise self._upstream_failure(route, exc) from None
+        finally:
+            upstream_response.done = True
         if response.code == 599:
             raise self._upstream_failure(route, response.error)
-        if not upstream_response.lines:
-            raise self._upstream_failure(route, ValueError("no response headers"))
+        if upstream_response.status is None:
+            raise self._upstream_failure(route, ValueError("no or unreadable response status line"))
         upstream_response.drain()
         if not upstream_response.failed_client:
             self.finish()
+
+    def on_connection_close(self) -> None:
+        self._relay_client_gone()
+
+    def _relay_client_gone(self) -> None:
+        relay = getattr(self, "_relay", None)
+        if relay is not None:
+            relay.client_gone()
 
     def _upstream_failure(self, route: Route, exc: BaseException | None) -> GatewayError:
         if self._headers_written:
@@ -172,52 +219,107 @@ class ProxyHandler(BaseHandler):
                             log_message=f"upstream {route.upstream} failed: {exc!r}")
 
 
+_STATUS_LINE = re.compile(r"^HTTP/\d(?:\.\d)?\s+(\d{3})(?:\s+(.*))?$")
+
+
 class _ResponseRelay:
     """Turns the upstream's header lines and body chunks into our response.
 
     The client library may hand over a body chunk before the header lines
-    have been delivered, so chunks wait in a queue until the headers of the
-    final (non-1xx) response are complete.
+    have been delivered, so chunks wait until the headers of the final
+    (non-1xx) response are complete.  While more than :data:`HIGH_WATER`
+    bytes wait for a slow client, reading from the upstream is paused.
     """
 
     def __init__(self, handler: ProxyHandler) -> None:
         self.handler = handler
+        self.request: tornado.httpclient.HTTPRequest | None = None
+        self.status: tuple[int, str] | None = None
         self.lines: list[str] = []
         self.headers_done = False
         self.started = False
         self.pending: list[bytes] = []
         self.failed_client = False
+        self.done = False
+        self.curl: Any = None
+        self.paused = False
+        self.unflushed = 0
+
+    # -- flow control (libcurl only) ---------------------------------------------
+
+    def attach(self, curl: Any) -> None:
+        """``prepare_curl_callback``: keep the handle to pause it."""
+        self.curl = curl
+        try:  # HTTP/1.1 only: the relay speaks HTTP/1.1 to its own client.
+            import pycurl
+
+            curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        except (ImportError, AttributeError):  # pragma: no cover
+            pass
+
+    def _owns_curl(self) -> bool:
+        # Tornado marks a handle busy with the request it serves and clears
+        # the mark before the handle can serve another request.
+        info = getattr(self.curl, "info", None)
+        return not self.done and isinstance(info, dict) and info.get("request") is self.request
+
+    def _pause(self, pause: bool) -> None:
+        if pause == self.paused or not self._owns_curl():
+            return
+        import pycurl
+
+        try:
+            self.curl.pause(pycurl.PAUSE_RECV if pause else pycurl.PAUSE_CONT)
+            self.paused = pause
+        except pycurl.error:  # the transfer already failed; its error arrives on its own
+            pass
+
+    def client_gone(self) -> None:
+        self.failed_client = True
+        self.pending = []
+        self._pause(False)  # let the transfer run out (or time out) rather than hang
+
+    # -- headers -------------------------------------------------------------------
 
     def on_header_line(self, line: str) -> None:
         if line.startswith("HTTP/"):
             self.lines = [line]  # a new response (after a 1xx): start over
             self.headers_done = False
+            m = _STATUS_LINE.match(line.rstrip("\r\n"))
+            self.status = (int(m.group(1)), (m.group(2) or "").strip()) if m else None
         elif line.strip():
             self.lines.append(line)
-        elif self.lines:
-            code = tornado.httputil.parse_response_start_line(self.lines[0].strip()).code
-            if code >= 200:
-                self.headers_done = True
-                self.drain()
+        elif self.status is not None and self.status[0] >= 200:
+            self.headers_done = True
+            self.drain()
 
     def start(self) -> None:
-        if self.started:
+        if self.started or self.status is None:
             return
         self.started = True
         h = self.handler
-        first = tornado.httputil.parse_response_start_line(self.lines[0].strip())
-        h.set_status(first.code, first.reason or "Unknown")
+        code, reason = self.status
+        h.set_status(code, reason or _reason_phrase(code))
         headers = tornado.httputil.HTTPHeaders.parse("".join(self.lines[1:]))
         connection_listed = {canonical(t.strip()) for v in headers.get_list("Connection") for t in v.split(",")}
         for name in ("Content-Type", "Date", "Server"):
             h.clear_header(name)
+        cookie_name = h.gateway.config.sessions.cookie_name
         for name, value in headers.get_all():
             key = canonical(name)
-            if key in RESPONSE_DROPPED or key in connection_listed or (key == "content-length" and first.code == 204):
+            if key in RESPONSE_DROPPED or key in connection_listed or key == "x-request-id" \
+                    or (key == "content-length" and code == 204):
+                continue
+            if key == "set-cookie" and value.split("=", 1)[0].strip() == cookie_name:
+                # Only the gateway sets its own cookie (no session fixation by an upstream).
                 continue
             h.add_header(name, value)
 
+    # -- body ----------------------------------------------------------------------
+
     def on_chunk(self, chunk: bytes) -> None:
+        if self.failed_client:
+            return
         self.pending.append(chunk)
         if self.headers_done:
             self.drain()
@@ -228,14 +330,27 @@ class _ResponseRelay:
         chunks, self.pending = self.pending, []
         if self.failed_client or h.request.method == "HEAD" or h.get_status() in (204, 304):
             return
+        size = 0
         for chunk in chunks:
             h.write(chunk)
-        if chunks:
-            h.flush().add_done_callback(self._flushed)
+            size += len(chunk)
+        if size:
+            self.unflushed += size
+            h.flush().add_done_callback(lambda fut, size=size: self._flushed(fut, size))
+            if self.unflushed > HIGH_WATER:
+                self._pause(True)
 
-    def _flushed(self, fut: Any) -> None:
+    def _flushed(self, fut: Any, size: int) -> None:
         if fut.exception() is not None:
-            self.failed_client = True
+            self.client_gone()
+            return
+        self.unflushed -= size
+        if self.paused and self.unflushed <= LOW_WATER:
+            self._pause(False)
+
+
+def _reason_phrase(code: int) -> str:
+    return tornado.httputil.responses.get(code, "Unknown")
 
 
 def _without_cookie(header: str, name: str) -> str:

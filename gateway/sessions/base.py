@@ -46,14 +46,18 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def save(self, record: Record, ttl: float) -> bool:
         """Overwrite an *existing* session and extend its TTL (and its current
-        token's).  Returns False, writing nothing, if it no longer exists, so
-        a revoked session is never brought back."""
+        token's), but only if the stored record's ``token_hash`` is still
+        ``record["token_hash"]`` (compare and set).  Returns False, writing
+        nothing, otherwise: a revoked session is never brought back, and a
+        touch racing a ``/refresh`` never undoes the rotation."""
 
     @abc.abstractmethod
     async def rotate(self, record: Record, ttl: float, grace: float) -> bool:
         """Save ``record`` whose ``token_hash`` is new and whose
         ``prev_token_hash`` is the old one: index the new hash, let the old one
-        live ``grace`` more seconds.  False if the session no longer exists."""
+        live ``grace`` more seconds.  Only if the stored ``token_hash`` is
+        still ``record["prev_token_hash"]``; False (writing nothing) if the
+        session is gone or was rotated meanwhile."""
 
     @abc.abstractmethod
     async def delete(self, session_id: str) -> Record | None:

@@ -155,10 +155,29 @@ class SessionManager:
             return None
         token_hash = hash_token(token)
         record = await self.store.lookup(token_hash)
+        now = time.time()
+        session = self._valid(record, token_hash, now, allow_superseded)
+        if session is None:
+            return None
+        if now - session.last_seen_at >= self.touch_interval:
+            session.last_seen_at = now
+            session.expires_at = min(now + self.idle_timeout, session.absolute_expires_at)
+            if ip:
+                session.ip = ip
+            if not await self.store.save(session.to_record(), self._ttl(session, now)):
+                # Revoked, or rotated by a concurrent /refresh since we read
+                # it: judge the token against what is stored now.
+                record = await self.store.lookup(token_hash)
+                return self._valid(record, token_hash, time.time(), allow_superseded)
+        return session
+
+    @staticmethod
+    def _valid(record: Record | None, token_hash: str, now: float, allow_superseded: bool) -> Session | None:
+        """The session if ``token_hash`` opens it now (current token, or the
+        previous one within its grace period)."""
         if record is None:
             return None
         session = Session.from_record(record)
-        now = time.time()
         if now >= session.expires_at or now >= session.absolute_expires_at:
             return None
         if not hmac.compare_digest(session.token_hash, token_hash):
@@ -167,18 +186,13 @@ class SessionManager:
                 return None
             if not allow_superseded:
                 raise SupersededToken()
-        if now - session.last_seen_at >= self.touch_interval:
-            session.last_seen_at = now
-            session.expires_at = min(now + self.idle_timeout, session.absolute_expires_at)
-            if ip:
-                session.ip = ip
-            if not await self.store.save(session.to_record(), self._ttl(session, now)):
-                return None
         return session
 
     async def refresh(self, session: Session) -> tuple[str, Session]:
         """Rotate the token; the old one keeps working ``rotation_grace``
-        seconds.  The absolute deadline does not move."""
+        seconds.  The absolute deadline does not move.  Raises
+        :class:`SupersededToken` if another refresh rotated it first and
+        ``LookupError`` if the session has ended."""
         previous = Session.from_record(session.to_record())
         now = time.time()
         token = new_token()
@@ -188,7 +202,9 @@ class SessionManager:
         session.last_seen_at = now
         session.expires_at = min(now + self.idle_timeout, session.absolute_expires_at)
         if not await self.store.rotate(session.to_record(), self._ttl(session, now), self.rotation_grace):
-            raise LookupError("session ended")
+            if await self.store.get(session.id) is None:
+                raise LookupError("session ended")
+            raise SupersededToken()  # a concurrent /refresh with the same token won
         await self._emit("gateway_session_refreshed", session=session, previous_session=previous)
         return token, session
 

@@ -95,7 +95,11 @@ class MemorySessionStore(SessionStore):
         return copy.deepcopy(record) if record is not None else None
 
     async def save(self, record: Record, ttl: float) -> bool:
-        if self._live_session(record["id"]) is None:
+        return self._write(record, ttl, expected=record["token_hash"])
+
+    def _write(self, record: Record, ttl: float, expected: str | None) -> bool:
+        current = self._live_session(record["id"])
+        if current is None or current["token_hash"] != expected:
             return False
         deadline = time.time() + ttl
         self._sessions[record["id"]] = (copy.deepcopy(record), deadline)
@@ -103,7 +107,7 @@ class MemorySessionStore(SessionStore):
         return True
 
     async def rotate(self, record: Record, ttl: float, grace: float) -> bool:
-        if not await self.save(record, ttl):
+        if not self._write(record, ttl, expected=record.get("prev_token_hash")):
             return False
         old = record.get("prev_token_hash")
         if old:

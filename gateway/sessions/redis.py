@@ -66,8 +66,11 @@ return redis.call('GET', ARGV[1]..'s:'..sid)
 
 _SAVE = """
 local p = ARGV[4]
-local ok = redis.call('SET', p..'s:'..ARGV[1], ARGV[2], 'PX', ARGV[3], 'XX')
-if not ok then return 0 end
+-- compare and set: only over the record whose current token the caller read
+local cur = redis.call('GET', p..'s:'..ARGV[1])
+if not cur then return 0 end
+if cjson.decode(cur).token_hash ~= ARGV[10] then return 0 end
+redis.call('SET', p..'s:'..ARGV[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', p..'t:'..ARGV[5], ARGV[1], 'PX', ARGV[3])
 -- keep the user index alive as long as this session (a touch can outlive its first TTL)
 local ukey = p..'u:'..ARGV[8]
@@ -175,12 +178,13 @@ class RedisSessionStore(SessionStore):
     async def _save(self, record: Record, ttl: float, grace: float | None) -> bool:
         p = self._prefix
         old = record.get("prev_token_hash") or "" if grace is not None else ""
+        expected = old if grace is not None else record["token_hash"]
         ok = await self._run(
             "save",
             [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}", f"{p}u:{record['user_id']}"]
             + ([f"{p}t:{old}"] if old else []),
             [record["id"], json.dumps(record), _ms(ttl), p, record["token_hash"], old,
-             _ms(min(grace, ttl)) if grace else 0, record["user_id"], record["created_at"]],
+             _ms(min(grace, ttl)) if grace else 0, record["user_id"], record["created_at"], expected],
         )
         return bool(ok)
 
