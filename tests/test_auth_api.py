@@ -918,3 +918,46 @@ async def test_concurrent_refreshes_with_one_token_yield_exactly_one_new_token(s
     for r in results:
         if r.code == 401:
             assert "already refreshed" in body(r)["message"]
+
+
+@pytest.mark.gen_test
+async def test_login_requires_a_json_content_type(start):
+    """A cross-site page can send text/plain or a form without a preflight, never JSON."""
+    gw = await start()
+    await gw.client.register()
+    payload = json.dumps({"username": "alice", "password": PASSWORD})
+    for headers in ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        r = await gw.client.request("POST", LOGIN, body=payload, headers=headers)
+        assert r.code == 400, headers
+        assert "Content-Type" in body(r)["message"]
+    r = await gw.client.request("POST", LOGIN, body=payload, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.code == 200
+
+
+@pytest.mark.gen_test
+async def test_deeply_nested_json_is_a_400_not_a_500(start):
+    gw = await start()
+    r = await gw.client.request("POST", LOGIN, body="[" * 200_000, headers={"Content-Type": "application/json"})
+    assert r.code == 400 and body(r)["error"] == "invalid_request"
+    assert "nested" in body(r)["message"]
+
+
+@pytest.mark.gen_test
+async def test_malformed_referer_is_no_origin_not_a_500(start):
+    gw = await start()
+    reg = await gw.client.register()
+    r = await gw.client.request("POST", "/auth/logout", headers={**cookie(reg["token"]), "Referer": "http://[evil"})
+    assert r.code == 403 and body(r)["error"] == "csrf"
+
+
+@pytest.mark.gen_test
+async def test_same_origin_behind_a_trusted_proxy_uses_the_forwarded_host(start):
+    gw = await start(server={"trusted_proxies": ["127.0.0.1"]})
+    reg = await gw.client.register()
+    headers = {**cookie(reg["token"]), "X-Forwarded-Host": "app.example.org", "X-Forwarded-Proto": "https"}
+    r = await gw.client.request("POST", "/auth/logout", headers={**headers, "Origin": "https://app.example.org"})
+    assert r.code == 204
+    reg = await gw.client.login()
+    headers["Cookie"] = f"gw_session={reg['token']}"
+    r = await gw.client.request("POST", "/auth/logout", headers={**headers, "Origin": "https://evil.example"})
+    assert r.code == 403

@@ -837,3 +837,160 @@ async def test_plugin_upstream_headers_cannot_override_identity(make_gateway, up
     assert r.code == 200
     assert upstream.last.header("X-Tenant") == "t1"
     assert identity_headers(upstream.last) == []
+
+
+# ---------------------------------------------------------------------------
+# Hardening found by review
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_raw_hash_and_control_characters_in_the_path_are_refused(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream.url, tmp_path, routes=[
+        {"prefix": "/app/admin/", "upstream": upstream.url, "auth": "required"},
+        {"prefix": "/app/", "upstream": upstream.url, "auth": "public"},
+    ])
+    for path in ("/app/admin#", "/app/admin#/users", "/app/%00x", "/app/a%0d%0aX-User-Id:%20evil"):
+        status, _, data = await raw_request(rg.port, raw("GET", path, []))
+        assert status == 400, path
+        assert json.loads(data)["error"] == "invalid_request"
+    assert upstream.seen == []
+
+
+@pytest.mark.gen_test
+async def test_paths_an_upstream_could_read_as_another_route_are_refused(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream.url, tmp_path, routes=[
+        {"prefix": "/app/admin/", "upstream": upstream.url, "auth": "required"},
+        {"prefix": "/app/", "upstream": upstream.url, "auth": "public"},
+    ])
+    for path in ("/app//admin/users", "/app/admin\\users", "/app/admin%5cusers", "/app/admin;x/users",
+                 "/app/%61dmin/users"):
+        status, _, data = await raw_request(rg.port, raw("GET", path, []))
+        assert status == 400, path
+        assert "ambiguous" in json.loads(data)["message"]
+    assert upstream.seen == []
+    # An ordinary public path, with an encoded character that changes no route, still works.
+    status, _, _ = await raw_request(rg.port, raw("GET", "/app/files/a%20b", []))
+    assert status == 200 and upstream.last.path == "/app/files/a%20b"
+
+
+@pytest.mark.gen_test
+async def test_utf8_paths_and_queries_reach_the_upstream_percent_encoded(gw, upstream):
+    status, _, _ = await raw_request(gw.port, "GET /public/caf\u00e9?q=\u4e2d HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status == 200
+    assert upstream.last.path == "/public/caf%C3%A9"
+    assert upstream.last.query == "q=%E4%B8%AD"
+
+
+@pytest.mark.gen_test
+async def test_upstream_status_line_without_reason_phrase(make_gateway, tmp_path):
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 201\r\nContent-Length: 2\r\nX-Bare: 1\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path)
+        r = await rg.client.request("GET", "/public/x")
+        assert r.code == 201 and r.body == b"ok" and r.headers["X-Bare"] == "1"
+    finally:
+        server.close()
+
+
+@pytest.mark.gen_test
+async def test_upstream_cannot_set_the_gateway_cookie(make_gateway, tmp_path):
+    class Fixer(tornado.web.RequestHandler):
+        def get(self):
+            self.add_header("Set-Cookie", "gw_session=attacker-token; Path=/")
+            self.add_header("Set-Cookie", "theme=dark; Path=/")
+            self.finish("ok")
+
+    port = free_port()
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", Fixer)]))
+    server.listen(port, "127.0.0.1")
+    try:
+        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path)
+        r = await rg.client.request("GET", "/public/x")
+        cookies = r.headers.get_list("Set-Cookie")
+        assert cookies == ["theme=dark; Path=/"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.gen_test
+async def test_client_facts_pass_only_from_trusted_proxies(make_gateway, upstream, tmp_path):
+    facts = [("X-Forwarded-Port", "1"), ("X-Forwarded-Prefix", "/evil"), ("X-Original-URL", "/admin"),
+             ("True-Client-IP", "1.2.3.4"), ("X-Real-IP", "1.2.3.4"), ("Forwarded", "for=1.2.3.4")]
+    rg = await start(make_gateway, upstream.url, tmp_path)
+    await raw_request(rg.port, raw("GET", "/public/x", facts))
+    names = {k.lower() for k in upstream.last.names()}
+    for name, _ in facts:
+        assert name.lower() not in names
+    trusted = await start(make_gateway, upstream.url, tmp_path, server={"trusted_proxies": ["127.0.0.1/32"]})
+    await raw_request(trusted.port, raw("GET", "/public/x", facts))
+    assert upstream.last.header("X-Forwarded-Port") == "1"
+    assert upstream.last.header("X-Real-IP") == "1.2.3.4"
+
+
+@pytest.mark.gen_test
+async def test_a_gateway_token_is_never_forwarded_whatever_the_separator(gw, upstream):
+    reg = await gw.client.register()
+    for value in (f"Bearer\t{reg['token']}", f"bearer  {reg['token']}", f"Token {reg['token']}"):
+        await raw_request(gw.port, raw("GET", "/opt/x", [("Authorization", value)]))
+        assert upstream.last.header("Authorization") is None, value
+        assert reg["token"] not in repr(upstream.last.headers)
+
+
+@pytest.mark.gen_test
+async def test_cors_preflight_reaches_the_upstream_of_a_required_route(gw, upstream):
+    r = await gw.client.request("OPTIONS", "/api/items", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"})
+    assert r.code == 200
+    assert upstream.last.method == "OPTIONS" and upstream.last.header("X-User-Id") is None
+    # a plain OPTIONS without the preflight headers still needs a session
+    assert (await gw.client.request("OPTIONS", "/api/items")).code == 401
+
+
+class BigStream(tornado.web.RequestHandler):
+    """Writes 64 MiB in 1 MiB pieces, recording how far it got."""
+
+    def initialize(self, progress: dict) -> None:
+        self.progress = progress
+
+    async def get(self):
+        self.set_header("Content-Length", str(64 << 20))
+        piece = b"z" * (1 << 20)
+        for _ in range(64):
+            self.write(piece)
+            await self.flush()
+            self.progress["sent"] = self.progress.get("sent", 0) + len(piece)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_slow_client_pauses_the_upstream_instead_of_filling_memory(make_gateway, tmp_path):
+    progress: dict = {}
+    port = free_port()
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", BigStream, {"progress": progress})]))
+    server.listen(port, "127.0.0.1")
+    try:
+        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path)
+        reader, writer = await asyncio.open_connection("127.0.0.1", rg.port)
+        writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1.5)  # the client reads nothing meanwhile
+        stalled_at = progress.get("sent", 0)
+        assert stalled_at < 32 << 20, f"the upstream could send {stalled_at} bytes to a client that read none"
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        received = 0
+        while received < 64 << 20:
+            chunk = await reader.read(1 << 20)
+            assert chunk, "connection closed early"
+            received += len(chunk)
+        assert received == 64 << 20
+        writer.close()
+    finally:
+        server.stop()

@@ -243,7 +243,8 @@ class _ResponseRelay:
         self.done = False
         self.curl: Any = None
         self.paused = False
-        self.unflushed = 0
+        self.buffered = 0  # written to the handler, not yet flushed
+        self.in_flight = 0  # flushed, not yet on the wire
 
     # -- flow control (libcurl only) ---------------------------------------------
 
@@ -260,8 +261,12 @@ class _ResponseRelay:
     def _owns_curl(self) -> bool:
         # Tornado marks a handle busy with the request it serves and clears
         # the mark before the handle can serve another request.
+        # (The client wraps our request in a proxy object that holds it.)
         info = getattr(self.curl, "info", None)
-        return not self.done and isinstance(info, dict) and info.get("request") is self.request
+        if self.done or not isinstance(info, dict):
+            return False
+        serving = info.get("request")
+        return serving is self.request or getattr(serving, "request", None) is self.request
 
     def _pause(self, pause: bool) -> None:
         if pause == self.paused or not self._owns_curl():
@@ -273,6 +278,7 @@ class _ResponseRelay:
             self.paused = pause
         except pycurl.error:  # the transfer already failed; its error arrives on its own
             pass
+        # (libcurl >= 7.69 wakes a resumed transfer through its timer callback.)
 
     def client_gone(self) -> None:
         self.failed_client = True
@@ -330,23 +336,28 @@ class _ResponseRelay:
         chunks, self.pending = self.pending, []
         if self.failed_client or h.request.method == "HEAD" or h.get_status() in (204, 304):
             return
-        size = 0
         for chunk in chunks:
             h.write(chunk)
-            size += len(chunk)
-        if size:
-            self.unflushed += size
-            h.flush().add_done_callback(lambda fut, size=size: self._flushed(fut, size))
-            if self.unflushed > HIGH_WATER:
-                self._pause(True)
+            self.buffered += len(chunk)
+        self._flush()
+        if self.buffered + self.in_flight > HIGH_WATER:
+            self._pause(True)
 
-    def _flushed(self, fut: Any, size: int) -> None:
+    def _flush(self) -> None:
+        # One flush at a time: Tornado resolves only the latest flush's future.
+        if self.in_flight or not self.buffered or self.failed_client:
+            return
+        self.in_flight, self.buffered = self.buffered, 0
+        self.handler.flush().add_done_callback(self._flushed)
+
+    def _flushed(self, fut: Any) -> None:
+        self.in_flight = 0
         if fut.exception() is not None:
             self.client_gone()
             return
-        self.unflushed -= size
-        if self.paused and self.unflushed <= LOW_WATER:
+        if self.paused and self.buffered <= LOW_WATER:
             self._pause(False)
+        self._flush()
 
 
 def _reason_phrase(code: int) -> str:
