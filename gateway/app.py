@@ -22,6 +22,7 @@ from gateway.config import Config, ConfigError, validate_table
 from gateway.errors import GatewayError
 from gateway.handlers import auth as auth_handlers
 from gateway.handlers import proxy as proxy_handlers
+from gateway.logs import install_redaction
 from gateway.plugins import call_hook, get_plugin_manager, maybe_await, plugin_failure, plugin_names
 from gateway.profiles import ProfileStore, open_profile_store
 from gateway.providers import Provider
@@ -33,6 +34,8 @@ log = logging.getLogger("gateway.app")
 #: Responses are streamed to the client, so the client library need not cap them.
 MAX_STREAMED = 1 << 40
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
+#: Path segments of the gateway's own endpoints under auth_prefix.
+RESERVED_NAMES = frozenset({"refresh", "logout", "logout-all", "session", "sessions"})
 
 
 def make_http_client(max_clients: int) -> tornado.httpclient.AsyncHTTPClient:
@@ -49,6 +52,7 @@ def make_http_client(max_clients: int) -> tornado.httpclient.AsyncHTTPClient:
 
 class Gateway:
     def __init__(self, config: Config, pm: pluggy.PluginManager | None = None) -> None:
+        install_redaction()
         self.config = config
         self.pm = pm if pm is not None else get_plugin_manager(config.plugins.disabled)
         self.routes = RouteTable([Route.from_section(r) for r in config.routes])
@@ -89,6 +93,9 @@ class Gateway:
                 continue
             if not _PROVIDER_NAME.match(cls.name or ""):
                 problems.append(f"plugin {plugin!r}: provider name {cls.name!r} is not a lowercase identifier")
+                continue
+            if cls.name in RESERVED_NAMES:
+                problems.append(f"plugin {plugin!r}: provider name {cls.name!r} is one of the gateway's own endpoints")
                 continue
             if cls.name in providers:
                 problems.append(f"providers.{cls.name}: two plugins provide {cls.name!r}")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 from typing import Sequence
 
 from gateway.errors import GatewayError
 from gateway.config import ConfigError, load_config, read_config
+from gateway.logs import install_redaction
 from gateway.plugins import PluginError
 
 log = logging.getLogger("gateway")
@@ -38,10 +41,59 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def supervise(workers: int, max_restarts: int = 100) -> None:
+    """Fork ``workers`` processes sharing the bound sockets and return in
+    each of them.  The parent stays to supervise: it restarts a worker that
+    dies abnormally, and on SIGTERM/SIGINT stops every worker, waits for
+    them and exits."""
+    children: set[int] = set()
+    stopping = False
+
+    def spawn() -> bool:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            return True
+        children.add(pid)
+        return False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for _ in range(workers):
+        if spawn():
+            return
+    restarts = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        children.discard(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping or code == 0:
+            continue
+        log.error("worker %d exited with %d; restarting", pid, code)
+        restarts += 1
+        if restarts > max_restarts:
+            log.error("too many worker restarts; stopping")
+            stop(signal.SIGTERM, None)
+            continue
+        if spawn():
+            return
+    sys.exit(0)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
-    from tornado.process import fork_processes
 
     from gateway.app import Gateway
 
@@ -59,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     sockets = bind_sockets(config.server.port, config.server.host)
     if config.server.workers > 1:
-        fork_processes(config.server.workers)
+        supervise(config.server.workers)  # returns only in a worker
 
     async def run() -> int:
         gw = Gateway(config)
@@ -115,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.set_defaults(func=cmd_check_config)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_redaction(*logging.getLogger().handlers)
     return args.func(args)
 
 

@@ -210,7 +210,7 @@ SESSIONS = [
     Option("redis_timeout", POSITIVE_DURATION, "0.5s", "socket connect/read timeout for Redis; one retry"),
     Option("idle_timeout", POSITIVE_DURATION, "30m", "a session unused this long ends"),
     Option("absolute_timeout", POSITIVE_DURATION, "7d", "a session ends this long after login, whatever its use"),
-    Option("touch_interval", DURATION, "60s", "the idle deadline is pushed forward at most once per interval"),
+    Option("touch_interval", DURATION, "60s", "the idle deadline is pushed forward at most once per interval (shorter than idle_timeout)"),
     Option("rotation_grace", DURATION, "10s", "an old token still works this long after /refresh"),
     Option("max_per_user", NONNEG_INT, 0, "sessions per user; 0 = unlimited; beyond it the oldest is revoked"),
     Option("cookie_name", STR, "gw_session", "name of the session cookie"),
@@ -375,6 +375,10 @@ def read_config(
     sess = sections["sessions"]
     if sess.get("store") == "memory" and (sections["server"].get("workers") or 1) > 1:
         problems.append("sessions.store: \"memory\" holds sessions in one process; use \"redis\" with server.workers > 1")
+    if sess.get("touch_interval") is not None and sess.get("idle_timeout") is not None \
+            and sess["touch_interval"] >= sess["idle_timeout"]:
+        problems.append("sessions.touch_interval: must be shorter than sessions.idle_timeout, "
+                        "or sessions in use would still go idle")
     if sess.get("cookie_samesite") == "None" and sess.get("cookie_secure") is False:
         problems.append("sessions.cookie_samesite: \"None\" requires sessions.cookie_secure = true (browsers reject it otherwise)")
     return Config(routes=routes, providers=providers, path=path, environ=environ, **sections), problems

@@ -51,9 +51,10 @@ def gateway_providers(gateway: "Gateway") -> "Iterable[Provider] | None":
 def gateway_authenticate(
     request: "tornado.httputil.HTTPServerRequest", gateway: "Gateway"
 ) -> "Principal | Awaitable[Principal | None] | None":
-    """Authenticate a request that carries no session (an API key, say).
+    """Authenticate a request that carries no valid session (an API key, say).
 
-    Called only when the request has no gateway session token.  Return a
+    Called when the request presents no live gateway session: no token, or a
+    stale cookie (a stale *Bearer* gateway token is refused outright).  Return a
     :class:`gateway.requestinfo.Principal` to accept it, ``None`` to pass, or
     raise :class:`gateway.errors.GatewayError` to refuse it.  Stops at the
     first non-``None`` result.

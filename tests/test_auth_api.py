@@ -961,3 +961,19 @@ async def test_same_origin_behind_a_trusted_proxy_uses_the_forwarded_host(start)
     headers["Cookie"] = f"gw_session={reg['token']}"
     r = await gw.client.request("POST", "/auth/logout", headers={**headers, "Origin": "https://evil.example"})
     assert r.code == 403
+
+
+@pytest.mark.gen_test
+async def test_tornado_never_logs_a_token_from_a_malformed_request(start, caplog):
+    caplog.set_level(logging.DEBUG)
+    gw = await start()
+    reg = await gw.client.register()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(f"GET /auth/session HTTP/1.1\r\nHost: x\r\nCookie: gw_session={reg['token']}; o=a\x01b\r\n\r\n"
+                 .encode("latin-1"))
+    await writer.drain()
+    await reader.read(1024)
+    writer.close()
+    secret = reg["token"].removeprefix("gws_")
+    assert caplog.records, "the malformed request should have been logged"
+    assert secret not in caplog.text

@@ -392,3 +392,28 @@ def test_launcher_script(tmp_path):
     p = run([str(LAUNCHER), "check-config", "--config", str(bad)], cwd=tmp_path)
     assert p.returncode == 2
     assert "server.port" in p.stderr and "sessions.idle_timeout" in p.stderr
+
+
+def test_touch_interval_must_be_shorter_than_the_idle_timeout():
+    problems = problems_of({"sessions": {"idle_timeout": "2s", "touch_interval": "5s"}})
+    assert_named(problems, "sessions.touch_interval")
+    load_config(data={"sessions": {"idle_timeout": "2s", "touch_interval": "1s"}}, environ={})
+
+
+def test_a_provider_cannot_take_the_name_of_a_gateway_endpoint(tmp_path):
+    from gateway import hookimpl
+    from gateway.plugins import get_plugin_manager
+    from gateway.providers import Provider
+
+    class Sessions(Provider):
+        name = "sessions"
+
+    class Plugin:
+        @hookimpl
+        def gateway_providers(self):
+            return [Sessions]
+
+    config = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")}}, environ={})
+    with pytest.raises(ConfigError) as info:
+        Gateway(config, pm=get_plugin_manager(extra_plugins=[("clash", Plugin())]))
+    assert any("'sessions'" in p and "own endpoints" in p for p in info.value.problems)

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,3 +155,40 @@ async def test_serve_subprocess_login_through_third_party_plugin_and_proxy(
     assert proc.returncode == 0, err
     assert "plugins example, password" in err
     assert token not in out + err and SECRET not in out + err
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_serve_with_two_workers_shares_sessions_and_stops_on_sigterm(tmp_path, redis_url, upstream):
+    port = free_port()
+    cfg = tmp_path / "gateway.toml"
+    write_config(cfg, port=port, redis_url=redis_url, upstream_url=upstream.url, db=tmp_path / "p.db")
+    cfg.write_text(cfg.read_text().replace('port = ', 'workers = 2\nport = ', 1)
+                   .split("[providers.example]")[0])
+    proc = subprocess.Popen([str(ROOT / "bin" / "gateway"), "serve", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+        await wait_listening(proc, port)
+        reg = await client.register("carol", "a long enough password")
+        # Many requests land on both workers; every one knows the session (it is in Redis).
+        for _ in range(20):
+            client.http.close()
+            client = Client(f"http://127.0.0.1:{port}")
+            r = await client.request("GET", "/api/x", token=reg["token"], headers={"Connection": "close"})
+            assert r.code == 200, r.body
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            raise AssertionError("the supervisor did not stop on SIGTERM")
+    assert proc.returncode == 0, err
+    assert err.count("gateway 0.1.0: plugins") == 2  # two workers started
+    # No worker survives: nothing listens on the port any more.
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections may linger in TIME_WAIT
+        s.bind(("127.0.0.1", port))
+        s.listen()
