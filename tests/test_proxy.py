@@ -994,3 +994,12 @@ async def test_slow_client_pauses_the_upstream_instead_of_filling_memory(make_ga
         writer.close()
     finally:
         server.stop()
+
+
+@pytest.mark.gen_test
+async def test_upstream_sees_no_headers_the_client_did_not_send(gw, upstream):
+    await raw_request(gw.port, raw("GET", "/public/bare", []))
+    names = {k.lower() for k in upstream.last.names()}
+    assert "accept" not in names and "user-agent" not in names
+    await raw_request(gw.port, raw("GET", "/public/bare", [("Accept", "text/csv"), ("User-Agent", "app/1.0")]))
+    assert upstream.last.header("Accept") == "text/csv" and upstream.last.header("User-Agent") == "app/1.0"

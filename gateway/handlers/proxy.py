@@ -146,6 +146,9 @@ class ProxyHandler(BaseHandler):
         out["X-Forwarded-Proto"] = self.client_scheme
         out["X-Forwarded-Host"] = self.client_host
         out["X-Request-Id"] = self.request_id
+        for name in ("Accept", "User-Agent"):
+            if name not in out:
+                out[name] = ""  # an empty value stops libcurl adding one of its own
         out["Host"] = self.request.host if route.preserve_host else route.upstream_host
         if principal is not None:
             out["X-User-Id"] = principal.user_id
