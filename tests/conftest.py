@@ -44,8 +44,10 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process of our own, on a free loopback port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
         self.workdir = workdir
+        # persistent: data survives a restart on the same port (append-only file)
+        self.persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -58,7 +60,7 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed; `make test` installs it with apt")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self.persistence,
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

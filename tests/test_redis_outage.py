@@ -3,41 +3,14 @@ served, and service back on its own when Redis returns."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from conftest import RedisServer, base_config, body, cookie_header
 
 
-class PersistentRedis(RedisServer):
-    """A redis-server whose data survives a restart on the same port."""
-
-    def start(self) -> None:
-        import shutil
-        import socket
-        import time
-
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-
 @pytest.fixture
 def own_redis(tmp_path):
-    server = PersistentRedis(tmp_path)
+    server = RedisServer(tmp_path, persistent=True)
     server.start()
     yield server
     server.stop()
