@@ -179,3 +179,22 @@ def test_every_hook_has_a_test(hook):
     source = Path(__file__).read_text()
     assert re.search(rf"^async def test_hook_{hook}\(|^def test_hook_{hook}\(", source, re.M), \
         f"tests/test_plugins.py has no test_hook_{hook}"
+
+
+@pytest.mark.gen_test
+async def test_a_plugin_failing_at_startup_stops_startup_naming_it(tmp_path):
+    from gateway.app import Gateway
+    from gateway.config import load_config
+    from gateway.errors import GatewayError
+
+    class Failing:
+        @hookimpl
+        def gateway_startup(self):
+            raise RuntimeError("cannot reach my directory")
+
+    config = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")}}, environ={})
+    gw = Gateway(config, pm=get_plugin_manager(extra_plugins=[("directory-sync", Failing())]))
+    with pytest.raises(GatewayError) as info:
+        await gw.start()
+    await gw.stop()
+    assert "directory-sync" in info.value.detail and "gateway_startup" in info.value.detail
