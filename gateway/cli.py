@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 import sys
 from typing import Sequence
 
@@ -41,22 +42,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def supervise(workers: int, max_restarts: int = 100) -> None:
+def supervise(workers: int, *, burst: int = 10, window: float = 60.0) -> None:
     """Fork ``workers`` processes sharing the bound sockets and return in
     each of them.  The parent stays to supervise: it restarts a worker that
-    dies abnormally, and on SIGTERM/SIGINT stops every worker, waits for
-    them and exits."""
+    dies abnormally (pausing a second between restarts; more than ``burst``
+    restarts within ``window`` seconds means something is wrong, and it stops
+    everything and exits 1), and on SIGTERM/SIGINT it stops every worker,
+    waits for them and exits 0."""
     children: set[int] = set()
     stopping = False
+    signals = {signal.SIGTERM, signal.SIGINT}
 
     def spawn() -> bool:
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            return True
-        children.add(pid)
-        return False
+        # Signals stay blocked from before the fork until the child has its
+        # own handlers and the parent has recorded the child.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                for sig in signals:
+                    signal.signal(sig, signal.SIG_DFL)
+                return True
+            children.add(pid)
+            return False
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -65,12 +75,15 @@ def supervise(workers: int, max_restarts: int = 100) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for sig in signals:
+        signal.signal(sig, stop)
     for _ in range(workers):
+        if stopping:
+            break
         if spawn():
             return
-    restarts = 0
+    restarts: list[float] = []
+    failed = False
     while children:
         try:
             pid, status = os.wait()
@@ -80,15 +93,18 @@ def supervise(workers: int, max_restarts: int = 100) -> None:
         code = os.waitstatus_to_exitcode(status)
         if stopping or code == 0:
             continue
-        log.error("worker %d exited with %d; restarting", pid, code)
-        restarts += 1
-        if restarts > max_restarts:
-            log.error("too many worker restarts; stopping")
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < window] + [now]
+        if len(restarts) > burst:
+            log.error("worker %d exited with %d; %d restarts within %.0fs: stopping", pid, code, burst, window)
+            failed = True
             stop(signal.SIGTERM, None)
             continue
-        if spawn():
+        log.error("worker %d exited with %d; restarting it", pid, code)
+        time.sleep(1)
+        if not stopping and spawn():
             return
-    sys.exit(0)
+    sys.exit(1 if failed else 0)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -217,7 +217,7 @@ SESSIONS = [
     Option("cookie_secure", BOOL, True, "mark the cookie Secure (HTTPS only)"),
     Option("cookie_samesite", _choice("Lax", "Strict", "None"), "Lax", "SameSite attribute of the cookie"),
     Option("cookie_domain", STR, "", "Domain attribute of the cookie; empty = host-only"),
-    Option("allowed_origins", _origins, [], "origins allowed to send cookie-authenticated unsafe requests"),
+    Option("allowed_origins", _origins, [], "origins allowed to send cookie-authenticated unsafe requests; also the CORS allow-list"),
 ]
 
 PROFILES = [
@@ -238,7 +238,7 @@ ROUTE = [
     Option("auth", _choice("required", "optional", "public"), "required", "required | optional | public"),
     Option("strip_prefix", BOOL, False, "remove the prefix from the path sent upstream"),
     Option("connect_timeout", POSITIVE_DURATION, "5s", "upstream connect timeout (504 beyond)"),
-    Option("request_timeout", POSITIVE_DURATION, "30s", "whole upstream request timeout (504 beyond)"),
+    Option("request_timeout", POSITIVE_DURATION, "30s", "longest wait for the upstream's response head, or in a stalled body (504)"),
     Option("preserve_host", BOOL, False, "send the client's Host header upstream instead of the upstream's"),
 ]
 

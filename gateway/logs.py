@@ -12,7 +12,8 @@ import re
 
 _PATTERNS = [
     (re.compile(r"gws_[A-Za-z0-9_\-]+"), "gws_[redacted]"),  # session tokens
-    (re.compile(r"(\w+://)[^/@\s:]+:[^/@\s]+@"), r"\1[redacted]@"),  # user:password@ in URLs
+    (re.compile(r"(\w+://)[^/@\s:]*:[^/@\s]+@"), r"\1[redacted]@"),  # [user]:password@ in URLs
+    (re.compile(r"((?:password|passwd|pwd|secret|token)=)[^&\s;]+", re.I), r"\1[redacted]"),  # in queries
 ]
 
 #: Loggers whose records may quote a request: the filter is attached to each.
@@ -30,6 +31,13 @@ class RedactSecrets(logging.Filter):
     """Rewrites a record's message (and exception text) without secrets."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            self._clean(record)
+        except Exception:  # a malformed log call is logging's to report, not ours to raise
+            pass
+        return True
+
+    def _clean(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
@@ -38,7 +46,6 @@ class RedactSecrets(logging.Filter):
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         elif record.exc_text:
             record.exc_text = redact(record.exc_text)
-        return True
 
 
 _FILTER = RedactSecrets()

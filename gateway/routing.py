@@ -25,10 +25,13 @@ class Route:
     def from_section(cls, section: Section) -> "Route":
         return cls(**{k: section[k] for k in cls.__dataclass_fields__})
 
-    def matches(self, path: str) -> bool:
-        if self.prefix.endswith("/"):
-            return path.startswith(self.prefix) or path == self.prefix[:-1]
-        return path == self.prefix or path.startswith(self.prefix + "/")
+    def matches(self, path: str, fold_case: bool = False) -> bool:
+        prefix = self.prefix.lower() if fold_case else self.prefix
+        if fold_case:
+            path = path.lower()
+        if prefix.endswith("/"):
+            return path.startswith(prefix) or path == prefix[:-1]
+        return path == prefix or path.startswith(prefix + "/")
 
     def upstream_url(self, path: str, query: str) -> str:
         """The upstream URL for a request's path and query, as the client sent
@@ -53,8 +56,10 @@ class RouteTable:
     def __init__(self, routes: list[Route]) -> None:
         self.routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
 
-    def match(self, path: str) -> Route | None:
+    def match(self, path: str, fold_case: bool = False) -> Route | None:
+        """The longest-prefix route for ``path`` (``fold_case``: as a
+        case-insensitive upstream would read it)."""
         for route in self.routes:
-            if route.matches(path):
+            if route.matches(path, fold_case):
                 return route
         return None

@@ -192,3 +192,15 @@ async def test_serve_with_two_workers_shares_sessions_and_stops_on_sigterm(tmp_p
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections may linger in TIME_WAIT
         s.bind(("127.0.0.1", port))
         s.listen()
+
+
+def test_supervisor_gives_up_on_a_crash_loop_with_a_failure_status():
+    """Workers that keep dying: restarted a few times, then the supervisor
+    stops and exits 1, so a service manager sees the failure."""
+    script = ("import sys\nfrom gateway.cli import supervise\n"
+              "supervise(2, burst=2, window=60)\n"
+              "sys.exit(3)  # only workers get here\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("restarting it") == 2
+    assert "stopping" in done.stderr

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import tornado.httpserver
 import tornado.httputil
+import tornado.iostream
 import tornado.simple_httpclient
 import tornado.tcpclient
 import tornado.web
@@ -708,12 +709,9 @@ async def test_slow_upstream_is_504(make_gateway, upstream, tmp_path):
     rg = await start(make_gateway, upstream.url, tmp_path, routes=[
         {"prefix": "/slow/", "upstream": upstream.url, "auth": "public", "request_timeout": "0.5s"},
     ])
-    t0 = time.monotonic()
     r = await rg.client.request("GET", "/slow/slow?s=2")
-    elapsed = time.monotonic() - t0
     assert r.code == 504, r.body
     assert body(r)["error"] == "gateway_timeout"
-    assert elapsed < 1.8
     assert_no_leak(r, "timed out after", "milliseconds", str(upstream.port))
 
 
@@ -864,7 +862,7 @@ async def test_paths_an_upstream_could_read_as_another_route_are_refused(make_ga
         {"prefix": "/app/", "upstream": upstream.url, "auth": "public"},
     ])
     for path in ("/app//admin/users", "/app/admin\\users", "/app/admin%5cusers", "/app/admin;x/users",
-                 "/app/%61dmin/users"):
+                 "/app/%61dmin/users", "/app/ADMIN/users", "/App/Admin/users"):
         status, _, data = await raw_request(rg.port, raw("GET", path, []))
         assert status == 400, path
         assert "ambiguous" in json.loads(data)["message"]
@@ -945,13 +943,84 @@ async def test_a_gateway_token_is_never_forwarded_whatever_the_separator(gw, ups
 
 
 @pytest.mark.gen_test
-async def test_cors_preflight_reaches_the_upstream_of_a_required_route(gw, upstream):
-    r = await gw.client.request("OPTIONS", "/api/items", headers={
-        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"})
-    assert r.code == 200
-    assert upstream.last.method == "OPTIONS" and upstream.last.header("X-User-Id") is None
-    # a plain OPTIONS without the preflight headers still needs a session
-    assert (await gw.client.request("OPTIONS", "/api/items")).code == 401
+async def test_cors_preflights_for_protected_routes_are_answered_by_the_gateway(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream.url, tmp_path, sessions={"allowed_origins": ["https://app.example.com"]})
+    preflight = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type, x-requested-with"}
+    r = await rg.client.request("OPTIONS", "/api/items?id=42", headers=preflight)
+    assert r.code == 204
+    assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert r.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    assert r.headers["Access-Control-Allow-Headers"] == "content-type, x-requested-with"
+    r = await rg.client.request("OPTIONS", "/api/items", headers={**preflight, "Origin": "https://evil.example"})
+    assert r.code == 403 and "Access-Control-Allow-Origin" not in r.headers
+    # Shaped like a preflight, with a body: never reaches the upstream unauthenticated.
+    r = await rg.client.request("OPTIONS", "/api/admin/delete?id=42", headers=preflight, body=b"confirm=yes")
+    assert r.code in (204, 403)
+    assert upstream.seen == []
+    # Public routes forward preflights like anything else.
+    assert (await rg.client.request("OPTIONS", "/public/x", headers=preflight)).code == 200
+    assert upstream.last.method == "OPTIONS"
+    # A plain OPTIONS without the preflight headers still needs a session.
+    assert (await rg.client.request("OPTIONS", "/api/items")).code == 401
+
+
+@pytest.mark.gen_test
+async def test_allowed_origins_get_cors_headers_on_proxied_responses(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream.url, tmp_path, sessions={"allowed_origins": ["https://app.example.com"]})
+    r = await rg.client.request("GET", "/public/x", headers={"Origin": "https://app.example.com"})
+    assert r.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert r.headers["Access-Control-Allow-Credentials"] == "true"
+    assert "Origin" in r.headers.get_list("Vary")
+    r = await rg.client.request("GET", "/public/x", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+@pytest.mark.gen_test
+async def test_nameless_cookies_from_the_upstream_are_dropped(make_gateway, tmp_path):
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                     b"Set-Cookie: =gw_session=gws_attacker; Path=/\r\nSet-Cookie: gw_session\r\n"
+                     b"Set-Cookie:  =x\r\nSet-Cookie: theme=dark\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        rg = await start(make_gateway, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", tmp_path)
+        r = await rg.client.request("GET", "/public/x")
+        assert r.code == 200
+        assert r.headers.get_list("Set-Cookie") == ["theme=dark"]
+    finally:
+        server.close()
+
+
+@pytest.mark.gen_test
+async def test_scheme_headers_from_untrusted_clients_are_dropped(gw, upstream):
+    await raw_request(gw.port, raw("GET", "/public/x", [("X-Scheme", "https"), ("X-Forwarded", "for=1.2.3.4"),
+                                                         ("Front-End-Https", "on"), ("CF-Connecting-IP", "1.2.3.4")]))
+    names = {k.lower() for k in upstream.last.names()}
+    assert not names & {"x-scheme", "x-forwarded", "front-end-https", "cf-connecting-ip"}
+
+
+@pytest.mark.gen_test
+async def test_upstream_sending_both_content_length_and_chunked(make_gateway, tmp_path):
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        rg = await start(make_gateway, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", tmp_path)
+        r = await rg.client.request("GET", "/public/x")
+        assert r.code == 200 and r.body == b"hello world"
+    finally:
+        server.close()
 
 
 class BigStream(tornado.web.RequestHandler):
@@ -963,10 +1032,13 @@ class BigStream(tornado.web.RequestHandler):
     async def get(self):
         self.set_header("Content-Length", str(64 << 20))
         piece = b"z" * (1 << 20)
-        for _ in range(64):
-            self.write(piece)
-            await self.flush()
-            self.progress["sent"] = self.progress.get("sent", 0) + len(piece)
+        try:
+            for _ in range(64):
+                self.write(piece)
+                await self.flush()
+                self.progress["sent"] = self.progress.get("sent", 0) + len(piece)
+        except tornado.iostream.StreamClosedError:
+            self.progress["closed"] = True
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -1003,3 +1075,53 @@ async def test_upstream_sees_no_headers_the_client_did_not_send(gw, upstream):
     assert "accept" not in names and "user-agent" not in names
     await raw_request(gw.port, raw("GET", "/public/bare", [("Accept", "text/csv"), ("User-Agent", "app/1.0")]))
     assert upstream.last.header("Accept") == "text/csv" and upstream.last.header("User-Agent") == "app/1.0"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_slow_reader_is_not_cut_off_by_request_timeout(make_gateway, tmp_path):
+    """request_timeout bounds the wait for the upstream, not the client's reading."""
+    progress: dict = {}
+    port = free_port()
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", BigStream, {"progress": progress})]))
+    server.listen(port, "127.0.0.1")
+    try:
+        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path, routes=[
+            {"prefix": "/public/", "upstream": f"http://127.0.0.1:{port}", "auth": "public", "request_timeout": "1s"}])
+        reader, writer = await asyncio.open_connection("127.0.0.1", rg.port)
+        writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        received = 0
+        while received < 64 << 20:
+            chunk = await reader.read(1 << 20)
+            assert chunk, f"cut off after {received} bytes"
+            received += len(chunk)
+            if received < 8 << 20:
+                await asyncio.sleep(0.3)  # a slow start: the whole read takes longer than request_timeout
+        writer.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_departed_client_frees_the_upstream_connection(make_gateway, tmp_path):
+    progress: dict = {}
+    port = free_port()
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", BigStream, {"progress": progress})]))
+    server.listen(port, "127.0.0.1")
+    try:
+        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path)
+        reader, writer = await asyncio.open_connection("127.0.0.1", rg.port)
+        writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read(1 << 20)
+        writer.close()
+        for _ in range(40):
+            if progress.get("closed"):
+                break
+            await asyncio.sleep(0.1)
+        assert progress.get("closed"), "the upstream transfer went on after the client left"
+        assert progress.get("sent", 0) < 64 << 20
+    finally:
+        server.stop()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import tornado.httpclient
 import tornado.httputil
+import tornado.ioloop
 import tornado.iostream
 
 from gateway.errors import GatewayError, invalid_request, not_found, unauthenticated
@@ -39,8 +41,9 @@ GATEWAY_OWNED = frozenset(h.lower() for h in IDENTITY_HEADERS) | {
 #: Believed by upstreams as facts about the client or the original request:
 #: passed on only from a trusted proxy (any ``X-Forwarded-*`` name too).
 CLIENT_FACTS = frozenset({
-    "forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip",
-    "x-original-url", "x-rewrite-url", "x-original-host", "x-host",
+    "forwarded", "x-forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip",
+    "cf-connecting-ip", "fastly-client-ip", "x-original-url", "x-original-uri", "x-rewrite-url",
+    "x-original-host", "x-host", "x-scheme", "x-url-scheme", "front-end-https",
 })
 #: Never forwarded: recomputed by the client library or meaningless after buffering.
 DROPPED = frozenset({"host", "content-length", "expect"})
@@ -67,9 +70,10 @@ def path_readings(path: str) -> list[str]:
 
 
 def is_cors_preflight(request: tornado.httputil.HTTPServerRequest) -> bool:
-    """A browser's CORS preflight: it never carries credentials."""
+    """A browser's CORS preflight (which never carries credentials)."""
     h = request.headers
-    return request.method == "OPTIONS" and "Origin" in h and "Access-Control-Request-Method" in h
+    return (request.method == "OPTIONS" and bool(h.get("Origin"))
+            and bool(h.get("Access-Control-Request-Method")))
 
 
 def canonical(name: str) -> str:
@@ -97,9 +101,10 @@ class ProxyHandler(BaseHandler):
         if _DOT_SEGMENT.search(readings[0]):
             raise invalid_request("the path must not contain . or .. segments")
         route = self.gateway.routes.match(path)
-        if any(self.gateway.routes.match(r) is not route for r in readings):
+        if any(self.gateway.routes.match(r) is not route for r in readings) or \
+                self.gateway.routes.match(readings[-1], fold_case=True) is not route:
             raise invalid_request("the path is ambiguous: an upstream could read it as another route's path "
-                                  "(percent-encoded prefix, '\\', '//' or ';' parameters)")
+                                  "(percent-encoded prefix, '\\', '//', ';' parameters or letter case)")
         return route
 
     async def _handle(self, *args: Any) -> None:
@@ -109,8 +114,12 @@ class ProxyHandler(BaseHandler):
         if self.request.method in ("GET", "HEAD") and self.body:
             # The upstream client cannot send one (libcurl would turn a HEAD into a PUT).
             raise invalid_request(f"a {self.request.method} request must not have a body")
+        if route.auth != "public" and is_cors_preflight(self.request):
+            # Answered here: an unauthenticated OPTIONS must not reach an
+            # upstream that may not check the method.
+            return self.answer_preflight()
         principal: Principal | None = None
-        if route.auth != "public" and not is_cors_preflight(self.request):
+        if route.auth != "public":
             principal = await self.get_principal()
             if principal is None and route.auth == "required":
                 raise unauthenticated()
@@ -119,6 +128,28 @@ class ProxyHandler(BaseHandler):
         await self.forward(route, principal)
 
     get = head = post = delete = patch = put = options = _handle
+
+    def allowed_origin(self) -> str | None:
+        """The request's Origin if it is in ``sessions.allowed_origins``."""
+        origin = (self.request.headers.get("Origin") or "").lower()
+        return origin if origin and origin in self.gateway.config.sessions.allowed_origins else None
+
+    def answer_preflight(self) -> None:
+        """Allow a preflight from an origin in ``allowed_origins``, with
+        credentials; refuse any other with 403."""
+        origin = self.allowed_origin()
+        self.set_header("Vary", "Origin")
+        if origin is None:
+            raise GatewayError("forbidden", "this origin is not allowed to call this route")
+        requested = self.request.headers.get("Access-Control-Request-Headers", "")
+        self.set_header("Access-Control-Allow-Origin", origin)
+        self.set_header("Access-Control-Allow-Credentials", "true")
+        self.set_header("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
+        if requested:
+            self.set_header("Access-Control-Allow-Headers", re.sub(r"[^A-Za-z0-9_,\- ]", "", requested)[:1024])
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
 
     def upstream_request_headers(self, route: Route, principal: Principal | None) -> tornado.httputil.HTTPHeaders:
         incoming = self.request.headers
@@ -182,19 +213,26 @@ class ProxyHandler(BaseHandler):
             streaming_callback=upstream_response.on_chunk,
             prepare_curl_callback=upstream_response.attach,
         )
+        upstream_response.timeout = route.request_timeout
         upstream_response.request = request
         try:
             response = await self.gateway.upstream_client.fetch(request, raise_error=False)
         except (tornado.httpclient.HTTPClientError, OSError, tornado.iostream.StreamClosedError) as exc:
             # raise_error=False: only transport failures (timeouts, refused
             # connections, the upstream hanging up) arrive here.
-            raise self._upstream_failure(route, exc) from None
+            response = tornado.httpclient.HTTPResponse(request, 599, error=exc)
         finally:
             upstream_response.done = True
-        if response.code == 599:
-            raise self._upstream_failure(route, response.error)
-        if upstream_response.status is None:
-            raise self._upstream_failure(route, ValueError("no or unreadable response status line"))
+        if response.code == 599 or upstream_response.status is None:
+            if upstream_response.abort_reason == "client_gone":
+                return
+            error = response.error or ValueError("no or unreadable response status line")
+            if self._headers_written:
+                # Part of the response already went out: all we can do is cut it short.
+                log.warning("upstream %s failed mid-response: %r", route.upstream, error)
+                self.request.connection.close()  # type: ignore[union-attr]
+                return
+            raise self._upstream_failure(route, error, timed_out=upstream_response.abort_reason == "timeout")
         upstream_response.drain()
         if not upstream_response.failed_client:
             self.finish()
@@ -207,14 +245,9 @@ class ProxyHandler(BaseHandler):
         if relay is not None:
             relay.client_gone()
 
-    def _upstream_failure(self, route: Route, exc: BaseException | None) -> GatewayError:
-        if self._headers_written:
-            # Part of the response already went out: all we can do is cut it short.
-            self.request.connection.close()  # type: ignore[union-attr]
-            return GatewayError("bad_gateway", "the upstream failed mid-response",
-                                log_message=f"upstream {route.upstream} failed mid-response: {exc!r}")
+    def _upstream_failure(self, route: Route, exc: BaseException | None, timed_out: bool = False) -> GatewayError:
         text = repr(exc)
-        timed_out = getattr(exc, "errno", None) == 28 or "Timeout" in type(exc).__name__ or "timed out" in text.lower() or "timeout" in text.lower()
+        timed_out = timed_out or getattr(exc, "errno", None) == 28 or "Timeout" in type(exc).__name__ or "timed out" in text.lower() or "timeout" in text.lower()
         if timed_out:
             return GatewayError("gateway_timeout", f"the upstream for {route.prefix} did not answer in time",
                                 log_message=f"upstream {route.upstream} timed out: {exc!r}")
@@ -245,6 +278,10 @@ class _ResponseRelay:
         self.failed_client = False
         self.done = False
         self.curl: Any = None
+        self.timeout = 30.0
+        self.abort_reason: str | None = None
+        self.started_at = self.last_activity = time.monotonic()
+        self.last_received = 0
         self.paused = False
         self.buffered = 0  # written to the handler, not yet flushed
         self.in_flight = 0  # flushed, not yet on the wire
@@ -252,14 +289,60 @@ class _ResponseRelay:
     # -- flow control (libcurl only) ---------------------------------------------
 
     def attach(self, curl: Any) -> None:
-        """``prepare_curl_callback``: keep the handle to pause it."""
+        """``prepare_curl_callback``: keep the handle (to pause it), speak
+        HTTP/1.1 (the relay's own client gets HTTP/1.1), and time the
+        transfer ourselves: ``request_timeout`` bounds the wait for the
+        response head and any stall of the body, but not a body that a slow
+        client is still reading."""
+        import pycurl
+
         self.curl = curl
-        try:  # HTTP/1.1 only: the relay speaks HTTP/1.1 to its own client.
+        self.started_at = self.last_activity = time.monotonic()
+        curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        curl.setopt(pycurl.TIMEOUT_MS, 0)
+        curl.setopt(pycurl.NOPROGRESS, 0)
+        curl.setopt(pycurl.XFERINFOFUNCTION, self._progress)
+        self._watch()
+
+    def _watch(self) -> None:
+        """Every quarter second, check the deadlines; libcurl calls the
+        progress callback only while it is driven, so nudge it when one
+        has passed."""
+        if self.done:
+            return
+        if self._overdue() or self.failed_client:
+            self._nudge()
+        tornado.ioloop.IOLoop.current().call_later(0.25, self._watch)
+
+    def _overdue(self) -> bool:
+        now = time.monotonic()
+        if self.paused:
+            self.last_activity = now
+        waited = now - (self.last_activity if self.headers_done else self.started_at)
+        return waited > self.timeout
+
+    def _nudge(self) -> None:
+        if self._owns_curl():
             import pycurl
 
-            curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
-        except (ImportError, AttributeError):  # pragma: no cover
-            pass
+            try:  # unpausing makes libcurl run the transfer (and its callbacks) at once
+                self.curl.pause(pycurl.PAUSE_RECV)
+                self.curl.pause(pycurl.PAUSE_CONT)
+            except pycurl.error:
+                pass
+
+    def _progress(self, dltotal: int, dlnow: int, ultotal: int, ulnow: int) -> int:
+        """libcurl's progress callback: a non-zero answer aborts the transfer."""
+        now = time.monotonic()
+        if self.failed_client:
+            self.abort_reason = "client_gone"  # nobody is left to read it: free the connection
+            return 1
+        if dlnow != self.last_received:
+            self.last_received, self.last_activity = dlnow, now
+        if self._overdue():
+            self.abort_reason = "timeout"
+            return 1
+        return 0
 
     def _owns_curl(self) -> bool:
         # Tornado marks a handle busy with the request it serves and clears
@@ -279,6 +362,7 @@ class _ResponseRelay:
         try:
             self.curl.pause(pycurl.PAUSE_RECV if pause else pycurl.PAUSE_CONT)
             self.paused = pause
+            self.last_activity = time.monotonic()
         except pycurl.error:  # the transfer already failed; its error arrives on its own
             pass
         # (libcurl >= 7.69 wakes a resumed transfer through its timer callback.)
@@ -286,7 +370,7 @@ class _ResponseRelay:
     def client_gone(self) -> None:
         self.failed_client = True
         self.pending = []
-        self._pause(False)  # let the transfer run out (or time out) rather than hang
+        self._pause(False)  # so that the progress callback runs and aborts the transfer
 
     # -- headers -------------------------------------------------------------------
 
@@ -314,15 +398,20 @@ class _ResponseRelay:
         for name in ("Content-Type", "Date", "Server"):
             h.clear_header(name)
         cookie_name = h.gateway.config.sessions.cookie_name
+        chunked = "Transfer-Encoding" in headers  # then a Content-Length is not to be believed
         for name, value in headers.get_all():
             key = canonical(name)
             if key in RESPONSE_DROPPED or key in connection_listed or key == "x-request-id" \
-                    or (key == "content-length" and code == 204):
+                    or (key == "content-length" and (code == 204 or chunked)):
                 continue
-            if key == "set-cookie" and value.split("=", 1)[0].strip() == cookie_name:
-                # Only the gateway sets its own cookie (no session fixation by an upstream).
+            if key == "set-cookie" and _sets_gateway_cookie(value, cookie_name):
                 continue
             h.add_header(name, value)
+        origin = h.allowed_origin()
+        if origin and "Access-Control-Allow-Origin" not in headers:
+            h.set_header("Access-Control-Allow-Origin", origin)
+            h.set_header("Access-Control-Allow-Credentials", "true")
+            h.add_header("Vary", "Origin")
 
     # -- body ----------------------------------------------------------------------
 
@@ -365,6 +454,16 @@ class _ResponseRelay:
 
 def _reason_phrase(code: int) -> str:
     return tornado.httputil.responses.get(code, "Unknown")
+
+
+def _sets_gateway_cookie(set_cookie: str, name: str) -> bool:
+    """Would a browser read this Set-Cookie as (or as smuggling) the
+    gateway's cookie?  Only the gateway sets it: no session fixation by an
+    upstream.  A nameless cookie (``=gw_session=...`` or no ``=`` at all) is
+    sent back as its bare value, so it counts too."""
+    pair = set_cookie.split(";", 1)[0]
+    cookie, sep, value = pair.partition("=")
+    return not sep or not cookie.strip() or cookie.strip() == name
 
 
 def _without_cookie(header: str, name: str) -> str:

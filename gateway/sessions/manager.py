@@ -208,11 +208,6 @@ class SessionManager:
         await self._emit("gateway_session_refreshed", session=session, previous_session=previous)
         return token, session
 
-    async def update_data(self, session: Session, data: dict[str, Any]) -> bool:
-        """Merge provider data into a live session (e.g. a new WeChat key)."""
-        session.data.update(data)
-        return await self.store.save(session.to_record(), self._ttl(session, time.time()))
-
     async def revoke(self, session_id: str, reason: str) -> Session | None:
         record = await self.store.delete(session_id)
         if record is None:
