@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 from types import SimpleNamespace
 from typing import Any
 
