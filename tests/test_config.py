@@ -417,3 +417,16 @@ def test_a_provider_cannot_take_the_name_of_a_gateway_endpoint(tmp_path):
     with pytest.raises(ConfigError) as info:
         Gateway(config, pm=get_plugin_manager(extra_plugins=[("clash", Plugin())]))
     assert any("'sessions'" in p and "own endpoints" in p for p in info.value.problems)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("*.toml")))
+def test_every_shipped_configuration_passes_check_config(path):
+    p = run([str(GATEWAY_BIN), "check-config", "--config", str(path)],
+            REDIS_URL="redis://127.0.0.1:6379/0", MONGODB_URL="mongodb://127.0.0.1:27017")
+    assert p.returncode == 0, p.stderr
+
+
+def test_redis_example_without_its_environment_names_the_missing_variables():
+    p = run([str(GATEWAY_BIN), "check-config", "--config", str(ROOT / "conf" / "redis.example.toml")])
+    assert p.returncode == 2
+    assert "sessions.redis_url_env" in p.stderr and "profiles.mongodb_url_env" in p.stderr
