@@ -9,8 +9,10 @@ last) and :meth:`Gateway.stop` releases everything.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
+from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
@@ -23,7 +25,16 @@ from gateway.errors import GatewayError
 from gateway.handlers import auth as auth_handlers
 from gateway.handlers import proxy as proxy_handlers
 from gateway.logs import install_redaction
-from gateway.plugins import call_hook, get_plugin_manager, maybe_await, plugin_failure, plugin_names
+from gateway.plugins import (
+    ENTRY_POINT_GROUP,
+    call_hook,
+    get_plugin_manager,
+    implementations,
+    maybe_await,
+    notify_hook,
+    plugin_failure,
+    plugin_names,
+)
 from gateway.profiles import ProfileStore, open_profile_store
 from gateway.providers import Provider
 from gateway.requestinfo import Principal
@@ -73,16 +84,28 @@ class Gateway:
 
     # -- set-up ---------------------------------------------------------------
 
-    def _provider_classes(self) -> list[tuple[str, type[Provider]]]:
-        found = []
-        for impl in reversed(self.pm.hook.gateway_providers.get_hookimpls()):
+    def _build_time_hook(self, name: str) -> list[tuple[str, list[Any]]]:
+        """Call a hook the gateway needs while it is being built (so it must
+        answer synchronously, with a list); every problem names its plugin."""
+        out = []
+        for impl in implementations(self.pm, name):
             try:
                 result: Any = impl.function(**{a: self for a in impl.argnames})
             except Exception as exc:
-                raise ConfigError([f"plugin {impl.plugin_name!r}: gateway_providers failed: {exc!r}"]) from exc
-            for cls in result or ():
-                found.append((impl.plugin_name, cls))
-        return found
+                raise ConfigError([f"plugin {impl.plugin_name!r}: {name} failed: {exc!r}"]) from exc
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise ConfigError([f"plugin {impl.plugin_name!r}: {name} must answer synchronously"])
+            if result is None:
+                continue
+            if not isinstance(result, (list, tuple)):
+                raise ConfigError([f"plugin {impl.plugin_name!r}: {name} must return a list, got {type(result).__name__}"])
+            out.append((impl.plugin_name, list(result)))
+        return out
+
+    def _provider_classes(self) -> list[tuple[str, type[Provider]]]:
+        return [(plugin, cls) for plugin, classes in self._build_time_hook("gateway_providers") for cls in classes]
 
     def _build_providers(self) -> dict[str, Provider]:
         problems: list[str] = []
@@ -102,10 +125,19 @@ class Gateway:
                 continue
             settings = validate_table(f"providers.{cls.name}", cls.options,
                                       self.config.providers.get(cls.name, {}), problems, self.config.environ)
-            providers[cls.name] = cls(self, settings)
+            try:
+                providers[cls.name] = cls(self, settings)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+            except Exception as exc:
+                problems.append(f"providers.{cls.name}: the provider from plugin {plugin!r} failed to start: {exc!r}")
         for name in self.config.providers:
             if name not in providers:
                 problems.append(f"providers.{name}: no installed plugin provides {name!r}")
+        known = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} | {n for n, _ in self.pm.list_name_plugin()}
+        for name in self.config.plugins.disabled:
+            if name not in known:
+                problems.append(f"plugins.disabled: no installed plugin is named {name!r}")
         if problems:
             raise ConfigError(problems)
         return providers
@@ -143,14 +175,14 @@ class Gateway:
 
     def auth_path(self, *parts: str) -> str:
         """A route pattern under ``auth_prefix`` (parts may be regexes)."""
-        return self.config.server.auth_prefix.rstrip("/") + "/" + "/".join(parts) + "/?"
+        return re.escape(self.config.server.auth_prefix.rstrip("/")) + "/" + "/".join(parts) + "/?"
 
     def make_app(self, **settings: Any) -> tornado.web.Application:
         handlers: list[Any] = []
         for provider in self.providers.values():
             handlers.extend(provider.handlers())
-        for contributed in self.pm.hook.gateway_handlers(gateway=self):
-            handlers.extend(contributed or ())
+        for _, contributed in self._build_time_hook("gateway_handlers"):
+            handlers.extend(contributed)
         handlers += auth_handlers.routes(self)
         handlers += auth_handlers.fallback_routes(self)
         handlers += proxy_handlers.routes(self)
@@ -182,6 +214,9 @@ class Gateway:
 
     async def authenticate_request(self, request: Any) -> Principal | None:
         results = await call_hook(self.pm, "gateway_authenticate", request=request, gateway=self)
+        if results and not isinstance(results[0], Principal):
+            raise GatewayError("internal", "an internal error occurred",
+                               log_message=f"gateway_authenticate returned {type(results[0]).__name__}, not a Principal")
         return results[0] if results else None
 
     async def upstream_headers(self, request: Any, principal: Principal | None, route: Route) -> list[dict[str, str]]:
@@ -191,7 +226,4 @@ class Gateway:
     async def _session_event(self, hook: str, **kwargs: Any) -> None:
         """Session events are notifications: a failing listener is logged,
         never undoes what happened."""
-        try:
-            await call_hook(self.pm, hook, gateway=self, **kwargs)
-        except Exception:
-            log.warning("a %s listener failed; continuing", hook)
+        await notify_hook(self.pm, hook, gateway=self, **kwargs)

@@ -28,10 +28,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config, problems = read_config(args.config)
         gw = Gateway(config)
+        gw.make_app()  # plugin routes too
     except ConfigError as exc:
         problems = problems + exc.problems
     except PluginError as exc:
         problems = problems + [str(exc)]
+    except Exception as exc:  # a plugin's own bug, say
+        problems = problems + [f"the gateway cannot be built: {exc!r}"]
     if problems or gw is None:
         print(f"{args.config}: {len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:
@@ -119,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.server.values["host"] = args.host
         if args.port is not None:
             config.server.values["port"] = args.port
-        Gateway(config)  # validate providers before binding or forking
+        Gateway(config).make_app()  # validate providers and plugin routes before binding or forking
     except (ConfigError, PluginError) as exc:
         problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
         for problem in problems:
@@ -133,12 +136,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gw = Gateway(config)
         try:
             await gw.start()
+            app = gw.make_app()
         except Exception as exc:
             detail = exc.detail if isinstance(exc, GatewayError) else repr(exc)
             log.error("start-up failed: %s", detail, exc_info=not isinstance(exc, GatewayError))
             await gw.stop()
             return 1
-        server = HTTPServer(gw.make_app(), max_body_size=config.server.max_body_size + 1,
+        server = HTTPServer(app, max_body_size=config.server.max_body_size + 1,
                             idle_connection_timeout=60, body_timeout=60)
         server.add_sockets(sockets)
         demo = None

@@ -36,21 +36,28 @@ _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30}
 
 
+#: Ten years: longer durations are mistakes (and overflow date arithmetic).
+MAX_DURATION = 10 * 365 * 86400.0
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from an int/float or a string like ``"30m"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30, \"90s\", \"30m\", \"12h\" or \"7d\"")
-    if isinstance(value, (int, float)):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("a duration must be a finite number")
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError("expected a duration such as 30, \"90s\", \"30m\", \"12h\" or \"7d\"")
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds is None:
+        raise ValueError("expected a duration such as 30, \"90s\", \"30m\", \"12h\" or \"7d\"")
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError("a duration must be a finite number")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration cannot exceed ten years")
+    return seconds
 
 
 def parse_size(value: Any) -> int:
@@ -112,16 +119,56 @@ def _http_url(value: Any) -> str:
     return value.rstrip("/")
 
 
+_PATH_PREFIX = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/\-]*$")
+_COOKIE_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an RFC 6265 token
+_DOMAIN = re.compile(r"^\.?([A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?$")
+_MONGO_DB = re.compile(r"^[^/\\. \"$*<>:|?\x00]{1,63}$")
+
+
 def _prefix(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError("expected a path starting with \"/\"")
+    if not isinstance(value, str) or not _PATH_PREFIX.match(value):
+        raise ValueError("expected a path starting with \"/\" made of URL path characters")
     return value
 
 
 def _redis_url(value: Any) -> str:
     if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    from redis.connection import parse_url
+
+    try:
+        parse_url(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a usable Redis URL ({type(exc).__name__})") from None
     return value
+
+
+def _mongodb_url(value: Any) -> str:
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("mongodb", "mongodb+srv"):
+        raise ValueError("expected a mongodb:// or mongodb+srv:// connection string")
+    if value.startswith("mongodb://"):  # (+srv would look up DNS records here)
+        from pymongo.uri_parser import parse_uri
+
+        try:
+            parse_uri(value)
+        except Exception as exc:
+            raise ValueError(f"not a usable MongoDB connection string ({type(exc).__name__})") from None
+    return value
+
+
+def _optional_domain(value: Any) -> str:
+    if value == "":
+        return value
+    return _pattern(_DOMAIN, "a domain name such as example.com")(value)
+
+
+def _pattern(regex: re.Pattern[str], what: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not regex.match(value):
+            raise ValueError(f"expected {what}")
+        return value
+
+    return check
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -213,18 +260,19 @@ SESSIONS = [
     Option("touch_interval", DURATION, "60s", "the idle deadline is pushed forward at most once per interval (shorter than idle_timeout)"),
     Option("rotation_grace", DURATION, "10s", "an old token still works this long after /refresh"),
     Option("max_per_user", NONNEG_INT, 0, "sessions per user; 0 = unlimited; beyond it the oldest is revoked"),
-    Option("cookie_name", STR, "gw_session", "name of the session cookie"),
+    Option("cookie_name", _pattern(_COOKIE_NAME, "a cookie name (letters, digits, !#$%&'*+-.^_`|~)"),
+           "gw_session", "name of the session cookie"),
     Option("cookie_secure", BOOL, True, "mark the cookie Secure (HTTPS only)"),
     Option("cookie_samesite", _choice("Lax", "Strict", "None"), "Lax", "SameSite attribute of the cookie"),
-    Option("cookie_domain", STR, "", "Domain attribute of the cookie; empty = host-only"),
+    Option("cookie_domain", _optional_domain, "", "Domain attribute of the cookie; empty = host-only"),
     Option("allowed_origins", _origins, [], "origins allowed to send cookie-authenticated unsafe requests; also the CORS allow-list"),
 ]
 
 PROFILES = [
     Option("store", _choice("sqlite", "mongodb"), "sqlite", "sqlite (embedded, durable file) or mongodb"),
-    Option("sqlite_path", STR, "var/profiles.db", "SQLite file, relative to the working directory"),
-    Option("mongodb_url", STR, "mongodb://127.0.0.1:27017", "MongoDB connection string", secret=True),
-    Option("mongodb_database", STR, "gateway", "MongoDB database name"),
+    Option("sqlite_path", _pattern(re.compile(r"^\S.*$"), "a file path"), "var/profiles.db", "SQLite file, relative to the working directory"),
+    Option("mongodb_url", _mongodb_url, "mongodb://127.0.0.1:27017", "MongoDB connection string", secret=True),
+    Option("mongodb_database", _pattern(_MONGO_DB, "a MongoDB database name (no /\\. \"$*<>:|? or spaces)"), "gateway", "MongoDB database name"),
     Option("mongodb_timeout", POSITIVE_DURATION, "1s", "MongoDB server selection / operation timeout"),
 ]
 

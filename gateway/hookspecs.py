@@ -7,7 +7,10 @@ A plugin is a module (or object) with functions decorated by
 
 Hooks are always called with keyword arguments, so an implementation may ask
 for any subset of a hook's arguments, and a hook can gain arguments later
-without breaking plugins.  Any hook may return a plain value or an awaitable.
+without breaking plugins.  Any hook may return a plain value or an awaitable,
+except the two called while the gateway is built (``gateway_providers``,
+``gateway_handlers``), which answer synchronously.  Hook wrappers are not
+supported.
 Every hook name starts with ``gateway_``; a misspelt implementation is a
 start-up error.
 """
@@ -40,10 +43,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def gateway_providers(gateway: "Gateway") -> "Iterable[Provider] | None":
     """Contribute identity providers.
 
-    Return an iterable of :class:`gateway.providers.Provider` instances.  Each
-    is served at ``POST {auth_prefix}/{provider.name}/login`` and configured by
-    the ``[providers.<name>]`` table, validated against ``provider.options``.
-    Two providers with the same name are a start-up error.
+    Return a list of :class:`gateway.providers.Provider` *subclasses*
+    (synchronously: this is called while the gateway is built).  Each is
+    configured by the ``[providers.<name>]`` table, validated against
+    ``cls.options``, instantiated once and served at
+    ``POST {auth_prefix}/{cls.name}/login``.  Two providers with the same
+    name are a start-up error.
     """
 
 
@@ -119,7 +124,8 @@ def gateway_upstream_headers(
 def gateway_handlers(gateway: "Gateway") -> "list[tuple[Any, ...]] | None":
     """Contribute Tornado handlers.
 
-    Return a list of ``(pattern, handler_class[, kwargs])`` tuples.  Patterns
+    Return a list of ``(pattern, handler_class[, kwargs])`` tuples
+    (synchronously: this is called while the application is built).  Patterns
     are matched before the proxy catch-all; use ``gateway.auth_path(...)`` to
     place an endpoint under the gateway's ``auth_prefix``.  Handlers should
     subclass :class:`gateway.handlers.base.BaseHandler` to get JSON errors,

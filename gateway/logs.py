@@ -18,7 +18,7 @@ _PATTERNS = [
 
 #: Loggers whose records may quote a request: the filter is attached to each.
 LOGGERS = ("gateway", "gateway.app", "gateway.access", "gateway.proxy", "gateway.plugins",
-           "gateway.sessions", "tornado.general", "tornado.access", "tornado.application")
+           "gateway.sessions", "gateway.password", "tornado.general", "tornado.access", "tornado.application")
 
 
 def redact(text: str) -> str:

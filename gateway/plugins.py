@@ -53,6 +53,10 @@ def get_plugin_manager(
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
+    for hook in pm.hook.__dict__.values():
+        for impl in getattr(hook, "get_hookimpls", lambda: [])():
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                raise PluginError(f"plugin {impl.plugin_name!r}: hook wrappers are not supported ({hook.name})")
     return pm
 
 
@@ -85,11 +89,9 @@ async def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> list[
     caller = getattr(pm.hook, name)
     first = bool(caller.spec and caller.spec.opts.get("firstresult"))
     results: list[Any] = []
-    # pluggy calls the last registered first; keep that order.
-    for impl in reversed(caller.get_hookimpls()):
-        argnames = impl.argnames
+    for impl in implementations(pm, name):
         try:
-            value = await maybe_await(impl.function(**{a: kwargs[a] for a in argnames}))
+            value = await maybe_await(impl.function(**{a: kwargs[a] for a in impl.argnames}))
         except GatewayError:
             raise
         except Exception as exc:
@@ -99,6 +101,23 @@ async def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> list[
             if first:
                 break
     return results
+
+
+async def notify_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> None:
+    """Call every implementation of a notification hook; one that fails is
+    logged with its plugin's name and the others still run."""
+    for impl in implementations(pm, name):
+        try:
+            await maybe_await(impl.function(**{a: kwargs[a] for a in impl.argnames}))
+        except Exception as exc:
+            log.error("plugin %r failed in %s: %r", impl.plugin_name, name, exc, exc_info=exc)
+
+
+def implementations(pm: pluggy.PluginManager, name: str) -> list[Any]:
+    """A hook's implementations in pluggy's calling order (tryfirst first,
+    then the last registered first).  Wrappers are not supported and are
+    refused at registration."""
+    return list(reversed(getattr(pm.hook, name).get_hookimpls()))
 
 
 def plugin_failure(plugin: str, hook: str, exc: BaseException) -> GatewayError:

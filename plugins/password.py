@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 import unicodedata
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from argon2.low_level import Type
 
 from gateway import hookimpl
-from gateway.config import BOOL, INT, POSITIVE_DURATION, Option, at_least
+from gateway.config import BOOL, INT, POSITIVE_DURATION, ConfigError, Option, at_least
 from gateway.errors import Conflict, GatewayError, invalid_credentials, invalid_request, too_many
 from gateway.handlers.auth import AuthHandler
 from gateway.providers import LoginResult, Provider
 
+log = logging.getLogger("gateway.password")
+T = TypeVar("T")
 MAX_PASSWORD = 1024
 MAX_USERNAME = 150
 
@@ -57,23 +61,52 @@ class PasswordProvider(Provider):
         Option("time_cost", at_least(INT, 1), 3, "argon2id iterations"),
         Option("memory_cost", at_least(INT, 8), 65536, "argon2id memory in KiB"),
         Option("parallelism", at_least(INT, 1), 4, "argon2id lanes"),
+        Option("hash_threads", at_least(INT, 1), 2, "threads that hash passwords (kept apart from other work)"),
+        Option("max_pending_hashes", at_least(INT, 1), 64, "logins waiting for a hashing thread before 429 rate_limited"),
     ]
 
     def __init__(self, gateway: Any, settings: Any) -> None:
         super().__init__(gateway, settings)
+        problems = []
+        if settings.memory_cost < 8 * settings.parallelism:
+            problems.append("providers.password.memory_cost: argon2 needs at least 8 KiB per lane "
+                            f"(8 x parallelism = {8 * settings.parallelism})")
+        if settings.min_length > MAX_PASSWORD:
+            problems.append(f"providers.password.min_length: at most {MAX_PASSWORD}, the longest password accepted")
+        if problems:
+            raise ConfigError(problems)
         self.hasher = PasswordHasher(
             time_cost=settings.time_cost, memory_cost=settings.memory_cost,
             parallelism=settings.parallelism, type=Type.ID,
         )
         self._dummy_hash = ""
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending = 0
 
     async def setup(self) -> None:
+        self._pool = ThreadPoolExecutor(self.settings.hash_threads, thread_name_prefix="argon2")
         self._dummy_hash = await self._hash(secrets.token_urlsafe(16))
 
-    # -- hashing off the event loop -------------------------------------------
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    # -- hashing off the event loop, on threads of its own -------------------------
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the hashing threads; a flood of logins waits there
+        (bounded), never in the loop's default pool that DNS lookups use."""
+        if self._pending >= self.settings.max_pending_hashes:
+            raise too_many("rate_limited", "too many logins are in progress; try again shortly", 1)
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._pending -= 1
 
     async def _hash(self, password: str) -> str:
-        return await asyncio.get_running_loop().run_in_executor(None, self.hasher.hash, password)
+        return await self._in_pool(self.hasher.hash, password)
 
     async def _verify(self, hashed: str, password: str) -> bool:
         def verify() -> bool:
@@ -82,7 +115,7 @@ class PasswordProvider(Provider):
             except (VerifyMismatchError, VerificationError, InvalidHashError):
                 return False
 
-        return await asyncio.get_running_loop().run_in_executor(None, verify)
+        return await self._in_pool(verify)
 
     def check_password(self, password: str, field: str) -> None:
         if len(password) < self.settings.min_length:
@@ -112,11 +145,21 @@ class PasswordProvider(Provider):
         identity = await self.gateway.profiles.get_identity(self.name, username)
         hashed = identity.data.get("hash", "") if identity else ""
         ok = await self._verify(hashed or self._dummy_hash, password)
+        stale = bool(hashed) and self.hasher.check_needs_rehash(hashed)
         if not (identity and hashed and ok):
+            if stale:
+                # A hash made with older (cheaper) parameters answered faster
+                # than the dummy would: spend the difference, or the timing
+                # would tell existing accounts from unknown names.
+                await self._verify(self._dummy_hash, password)
             raise await self._failed(username)
         await self.gateway.session_store.clear(self._counter(username))
-        if self.hasher.check_needs_rehash(hashed):
-            await self.gateway.profiles.update_identity_data(self.name, username, {"hash": await self._hash(password)})
+        if stale:
+            try:
+                await self.gateway.profiles.update_identity_data(
+                    self.name, username, {"hash": await self._hash(password)})
+            except GatewayError as exc:  # the login stands; the rehash waits for the next one
+                log.warning("password rehash for a user failed: %s", exc.detail or exc.message)
         return identity.user_id
 
     # -- endpoints ------------------------------------------------------------------
@@ -147,10 +190,19 @@ class PasswordProvider(Provider):
             user, _ = await self.gateway.profiles.create_identity(
                 self.name, username, profile={"username": username}, data={"hash": hashed})
         except Conflict:
-            raise Conflict("that username is already taken") from None
+            # Registering again with the same password (a client retrying
+            # after a lost answer) logs in; anything else is "taken".  The
+            # attempt counts toward the lockout like a login.
+            try:
+                return await self.login(handler, body)
+            except GatewayError as exc:
+                if exc.code == "invalid_credentials":
+                    raise Conflict("that username is already taken") from None
+                raise
         return LoginResult(user=user, created=True)
 
-    async def change(self, handler: AuthHandler, user_id: str, body: dict[str, Any]) -> None:
+    async def check_change(self, handler: AuthHandler, user_id: str, body: dict[str, Any]) -> tuple[str, str]:
+        """Validate a password change; return ``(username, new password)``."""
         old = handler.field(body, "old_password", str, max_length=4 * MAX_PASSWORD)
         new = handler.field(body, "new_password", str, max_length=4 * MAX_PASSWORD)
         self.check_password(new, "new_password")
@@ -159,7 +211,10 @@ class PasswordProvider(Provider):
             raise GatewayError("forbidden", "this account has no password")
         username = links[0].subject
         await self.verify_credentials(username, old)
-        await self.gateway.profiles.update_identity_data(self.name, username, {"hash": await self._hash(new)})
+        return username, new
+
+    async def set_password(self, username: str, password: str) -> None:
+        await self.gateway.profiles.update_identity_data(self.name, username, {"hash": await self._hash(password)})
 
     def handlers(self) -> list[tuple[Any, ...]]:
         p = self.gateway.auth_path
@@ -176,15 +231,18 @@ class RegisterHandler(AuthHandler):
 
     async def post(self) -> None:
         result = await self.gateway.call_provider(self.provider, "register", self, self.json_body())
-        await self.start_session(result, self.provider.name, status=201)
+        await self.start_session(result, self.provider.name, status=201 if result.created else 200)
 
 
 class ChangeHandler(RegisterHandler):
     async def post(self) -> None:
         principal = await self.require_session()
         body = self.json_body()
-        await self.gateway.call_provider(self.provider, "change", self, principal.user_id, body)
+        username, new = await self.gateway.call_provider(self.provider, "check_change", self, principal.user_id, body)
+        # Other sessions go first: should the store then fail, no session
+        # opened with the old password survives a change the user asked for.
         await self.gateway.sessions.revoke_user(principal.user_id, "password_changed", keep=principal.session_id)
+        await self.gateway.call_provider(self.provider, "set_password", username, new)
         self.set_status(204)
         self.finish()
 

@@ -977,3 +977,51 @@ async def test_tornado_never_logs_a_token_from_a_malformed_request(start, caplog
     secret = reg["token"].removeprefix("gws_")
     assert caplog.records, "the malformed request should have been logged"
     assert secret not in caplog.text
+
+
+@pytest.mark.gen_test
+async def test_registering_again_with_the_same_password_logs_in(start):
+    """A client that lost the answer to its registration can simply retry."""
+    gw = await start()
+    first = await gw.client.register()
+    r = await gw.client.request("POST", "/auth/password/register",
+                                json_body={"username": "Alice", "password": PASSWORD})
+    assert r.code == 200
+    assert body(r)["user"]["id"] == first["user"]["id"] and body(r)["token"] != first["token"]
+    r = await gw.client.request("POST", "/auth/password/register",
+                                json_body={"username": "alice", "password": "another password"})
+    assert r.code == 409 and body(r)["error"] == "conflict"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_flood_of_logins_is_turned_away_with_rate_limited(start):
+    gw = await start(providers={"password": {"time_cost": 2, "memory_cost": 65536, "parallelism": 1,
+                                             "hash_threads": 1, "max_pending_hashes": 2, "max_failures": 100}})
+    results = await asyncio.gather(*(
+        gw.client.request("POST", LOGIN, json_body={"username": f"user{i}", "password": PASSWORD})
+        for i in range(8)))
+    codes = [r.code for r in results]
+    assert 429 in codes and set(codes) <= {401, 429}
+    limited = next(r for r in results if r.code == 429)
+    assert body(limited)["error"] == "rate_limited" and int(limited.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.gen_test
+async def test_a_stale_cookie_is_cleared(start):
+    gw = await start()
+    reg = await gw.client.register()
+    await gw.client.request("POST", "/auth/logout", token=reg["token"])
+    for method, path in (("POST", "/auth/logout"), ("GET", "/auth/session")):
+        r = await gw.client.request(method, path, headers={**cookie(reg["token"]), "X-Requested-With": "x"})
+        assert r.code == 401
+        assert cookie_header(r) is not None, f"{method} {path} left the dead cookie in place"
+        assert cookie_value(r) in ("", '""')
+
+
+@pytest.mark.gen_test
+async def test_an_auth_prefix_is_a_path_not_a_pattern(start):
+    gw = await start(server={"auth_prefix": "/gw.v1"})
+    r = await gw.client.request("POST", "/gw.v1/password/register", json_body={"username": "al", "password": PASSWORD})
+    assert r.code == 201
+    r = await gw.client.request("GET", "/gwXv1/session")
+    assert r.code == 404 and "no route" in body(r)["message"]

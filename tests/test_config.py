@@ -430,3 +430,39 @@ def test_redis_example_without_its_environment_names_the_missing_variables():
     p = run([str(GATEWAY_BIN), "check-config", "--config", str(ROOT / "conf" / "redis.example.toml")])
     assert p.returncode == 2
     assert "sessions.redis_url_env" in p.stderr and "profiles.mongodb_url_env" in p.stderr
+
+
+@pytest.mark.parametrize("section, values, key", [
+    ("server", {"auth_prefix": "/a uth#"}, "server.auth_prefix"),
+    ("sessions", {"cookie_name": "a;b"}, "sessions.cookie_name"),
+    ("sessions", {"cookie_name": ""}, "sessions.cookie_name"),
+    ("sessions", {"cookie_domain": "ex;ample.com"}, "sessions.cookie_domain"),
+    ("sessions", {"absolute_timeout": "99999999d"}, "sessions.absolute_timeout"),
+    ("sessions", {"idle_timeout": "9" * 400}, "sessions.idle_timeout"),
+    ("sessions", {"redis_url": "redis://host:notaport/0"}, "sessions.redis_url"),
+    ("profiles", {"sqlite_path": ""}, "profiles.sqlite_path"),
+    ("profiles", {"mongodb_database": "a.b"}, "profiles.mongodb_database"),
+    ("profiles", {"mongodb_url": "mongodb://h:notaport"}, "profiles.mongodb_url"),
+])
+def test_values_that_would_fail_later_are_refused_up_front(section, values, key):
+    assert_named(problems_of({section: values}), key)
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"memory_cost": 8, "parallelism": 4}, "providers.password.memory_cost"),
+    ({"min_length": 2000}, "providers.password.min_length"),
+])
+def test_password_settings_that_cannot_work_are_refused(tmp_path, values, key):
+    config = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")},
+                               "providers": {"password": values}}, environ={})
+    with pytest.raises(ConfigError) as info:
+        Gateway(config)
+    assert_named(info.value.problems, key)
+
+
+def test_disabling_a_plugin_that_is_not_installed_is_a_typo_to_report(tmp_path):
+    config = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")},
+                               "plugins": {"disabled": ["pasword"]}}, environ={})
+    with pytest.raises(ConfigError) as info:
+        Gateway(config)
+    assert any("plugins.disabled" in p and "'pasword'" in p for p in info.value.problems)

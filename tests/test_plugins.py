@@ -198,3 +198,86 @@ async def test_a_plugin_failing_at_startup_stops_startup_naming_it(tmp_path):
         await gw.start()
     await gw.stop()
     assert "directory-sync" in info.value.detail and "gateway_startup" in info.value.detail
+
+
+def test_hook_wrappers_are_refused_with_the_plugins_name():
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def gateway_authenticate(self):
+            return (yield)
+
+    with pytest.raises(PluginError, match="'wrapping'.*wrappers"):
+        get_plugin_manager(extra_plugins=[("wrapping", Wrapping())])
+
+
+@pytest.mark.gen_test
+async def test_one_failing_session_listener_does_not_silence_the_others(make_gateway, upstream, tmp_path, caplog):
+    heard = []
+
+    class Failing:
+        @hookimpl(tryfirst=True)
+        def gateway_session_created(self, session):
+            raise RuntimeError("listener down")
+
+    class Listening:
+        @hookimpl
+        def gateway_session_created(self, session):
+            heard.append(session.id)
+
+    pm = get_plugin_manager(extra_plugins=[("failing", Failing()), ("listening", Listening())])
+    gw = await make_gateway(base_config(upstream.url, tmp_path), pm=pm)
+    reg = await gw.client.register()
+    assert heard == [reg["session"]["id"]]
+    assert "'failing'" in caplog.text
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("coroutine", "must answer synchronously"),
+    ("bare class", "must return a list"),
+    ("raises", "gateway_providers failed"),
+    ("init fails", "failed to start"),
+])
+def test_provider_hook_problems_are_config_errors_naming_the_plugin(tmp_path, answer, expected):
+    from gateway.app import Gateway
+    from gateway.config import ConfigError, load_config
+    from gateway.providers import Provider
+
+    class Shaky(Provider):
+        name = "shaky"
+
+        def __init__(self, gateway, settings):
+            if answer == "init fails":
+                raise RuntimeError("no directory")
+            super().__init__(gateway, settings)
+
+    class Plugin:
+        @hookimpl
+        def gateway_providers(self):
+            if answer == "coroutine":
+                async def later():
+                    return [Shaky]
+                return later()
+            if answer == "bare class":
+                return Shaky
+            if answer == "raises":
+                raise RuntimeError("boom")
+            return [Shaky]
+
+    config = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")}}, environ={})
+    with pytest.raises(ConfigError) as info:
+        Gateway(config, pm=get_plugin_manager(extra_plugins=[("shaky-plugin", Plugin())]))
+    text = "\n".join(info.value.problems)
+    assert expected in text and ("shaky-plugin" in text or "providers.shaky" in text)
+
+
+@pytest.mark.gen_test
+async def test_an_authenticator_answering_something_else_is_a_500(make_gateway, upstream, tmp_path):
+    class Odd:
+        @hookimpl
+        def gateway_authenticate(self):
+            return "u_123"
+
+    gw = await make_gateway(base_config(upstream.url, tmp_path), pm=get_plugin_manager(extra_plugins=[("odd", Odd())]))
+    r = await gw.client.request("GET", "/api/x")
+    assert r.code == 500 and body(r)["error"] == "internal"
+    assert upstream.seen == []

@@ -353,3 +353,23 @@ async def test_mongodb_unopened_store_is_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         await store.get_user("u_x")
     await store.close()
+
+
+@pytest.mark.gen_test
+async def test_sqlite_reads_do_not_wait_for_another_process_writing(tmp_path: Path) -> None:
+    store = SQLiteProfileStore(str(tmp_path / "p.db"))
+    await store.open()
+    try:
+        user, _, _ = await store.resolve_identity("password", "alice")
+        other = sqlite3.connect(str(tmp_path / "p.db"))  # e.g. another worker, mid-write
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE users SET updated_at = updated_at")
+        try:
+            assert (await store.get_user(user.id)).id == user.id
+            assert (await store.get_identity("password", "alice")).user_id == user.id
+            assert [i.subject for i in await store.list_identities(user.id)] == ["alice"]
+        finally:
+            other.rollback()
+            other.close()
+    finally:
+        await store.close()

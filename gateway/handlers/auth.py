@@ -4,6 +4,7 @@ session listing and revocation."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +149,6 @@ def routes(gateway: "Gateway") -> list[tuple[Any, ...]]:
 
 
 def fallback_routes(gateway: "Gateway") -> list[tuple[Any, ...]]:
-    prefix = gateway.config.server.auth_prefix.rstrip("/")
+    prefix = re.escape(gateway.config.server.auth_prefix.rstrip("/"))
     return [(prefix + r"(?:/.*)?", AuthNotFoundHandler)]
 

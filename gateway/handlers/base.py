@@ -251,6 +251,10 @@ class BaseHandler(tornado.web.RequestHandler):
     async def require_session(self, **kwargs: Any) -> Principal:
         principal = await self.get_principal(**kwargs)
         if principal is None or principal.session is None:
+            if self._token_source == "cookie":
+                # The browser cannot drop an HttpOnly cookie itself.  (Only
+                # here, where the store answered: an outage raises 503 before.)
+                self.clear_session_cookie()
             raise unauthenticated()
         self.check_csrf()
         return principal

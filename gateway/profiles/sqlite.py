@@ -178,21 +178,23 @@ class SQLiteProfileStore(ProfileStore):
 
     # -- plumbing ----------------------------------------------------------
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` on the worker thread inside one immediate transaction."""
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """Run ``fn(conn)`` on the worker thread inside one transaction:
+        ``BEGIN IMMEDIATE`` for writes, a deferred ``BEGIN`` for reads (WAL
+        readers never wait for a writer in another process)."""
         executor, conn = self._executor, self._conn
         if executor is None or conn is None:
             raise StoreUnavailable(_WHAT, log_message="sqlite profile store is not open")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(executor, functools.partial(self._transaction, conn, fn))
+            return await loop.run_in_executor(executor, functools.partial(self._transaction, conn, fn, write))
         except RuntimeError as exc:  # executor shut down by a concurrent close()
             raise StoreUnavailable(_WHAT, log_message=f"sqlite profile store closed: {exc}") from None
 
     @staticmethod
-    def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 result = fn(conn)
             except BaseException:
@@ -258,7 +260,7 @@ class SQLiteProfileStore(ProfileStore):
     # -- the contract ----------------------------------------------------------
 
     async def get_user(self, user_id: str) -> User | None:
-        return await self._run(lambda conn: self._user(conn, user_id))
+        return await self._run(lambda conn: self._user(conn, user_id), write=False)
 
     async def update_profile(self, user_id: str, fields: dict[str, Any]) -> User:
         def work(conn: sqlite3.Connection) -> User:
@@ -277,7 +279,7 @@ class SQLiteProfileStore(ProfileStore):
 
     async def get_identity(self, provider: str, subject: str) -> Identity | None:
         key = identity_key(provider, subject)
-        return await self._run(lambda conn: self._identity(conn, key))
+        return await self._run(lambda conn: self._identity(conn, key), write=False)
 
     async def resolve_identity(
         self,
@@ -360,4 +362,4 @@ class SQLiteProfileStore(ProfileStore):
             ).fetchall()
             return [self._identity_row(row) for row in rows]
 
-        return await self._run(work)
+        return await self._run(work, write=False)
