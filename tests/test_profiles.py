@@ -373,3 +373,34 @@ async def test_sqlite_reads_do_not_wait_for_another_process_writing(tmp_path: Pa
             other.close()
     finally:
         await store.close()
+
+
+def _open_and_login(path: str, results: Any) -> None:
+    async def main() -> None:
+        store = SQLiteProfileStore(path)
+        await store.open()
+        await store.resolve_identity("password", "alice")
+        await store.close()
+
+    try:
+        asyncio.run(main())
+        results.put("ok")
+    except Exception as exc:  # reported to the test
+        results.put(repr(exc))
+
+
+def test_sqlite_file_opened_by_several_worker_processes_at_once(tmp_path: Path) -> None:
+    """`server.workers > 1` starts processes that open a new file together."""
+    import multiprocessing
+
+    for round_ in range(8):
+        path = str(tmp_path / f"p{round_}.db")
+        results: Any = multiprocessing.Queue()
+        procs = [multiprocessing.Process(target=_open_and_login, args=(path, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 1

@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
@@ -153,6 +154,22 @@ class SQLiteProfileStore(ProfileStore):
         finally:
             executor.shutdown(wait=False)
 
+    @staticmethod
+    def _prepare_file(conn: sqlite3.Connection, attempts: int = 50) -> None:
+        """WAL mode and the schema.  Several worker processes may open a new
+        file at once, and switching the journal mode answers "locked" without
+        waiting for the busy timeout: retry for a few seconds."""
+        for attempt in range(attempts):
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if attempt + 1 == attempts or "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(0.1)
+
     def _connect(self) -> sqlite3.Connection:
         """Open the connection and create the schema (runs on the worker thread)."""
         conn: sqlite3.Connection | None = None
@@ -165,11 +182,10 @@ class SQLiteProfileStore(ProfileStore):
             conn = sqlite3.connect(
                 self.path, timeout=5.0, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(_SCHEMA)
+            self._prepare_file(conn)
             return conn
         except (sqlite3.Error, OSError) as exc:
             if conn is not None:
