@@ -81,6 +81,8 @@ class Gateway:
         )
         self.providers: dict[str, Provider] = self._build_providers()
         self.http_client: tornado.httpclient.AsyncHTTPClient | None = None
+        #: requests being handled now (a graceful stop waits for them)
+        self.requests_in_flight = 0
 
     # -- set-up ---------------------------------------------------------------
 

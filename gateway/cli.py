@@ -47,11 +47,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def supervise(workers: int, *, burst: int = 10, window: float = 60.0) -> None:
     """Fork ``workers`` processes sharing the bound sockets and return in
-    each of them.  The parent stays to supervise: it restarts a worker that
-    dies abnormally (pausing a second between restarts; more than ``burst``
-    restarts within ``window`` seconds means something is wrong, and it stops
-    everything and exits 1), and on SIGTERM/SIGINT it stops every worker,
-    waits for them and exits 0."""
+    each of them.  The parent stays to supervise: it replaces a worker that
+    exits, whatever its status (one per second; more than ``burst`` within
+    ``window`` seconds means something is wrong, and it stops everything and
+    exits 1), and on SIGTERM/SIGINT it stops every worker, waits for them
+    and exits 0."""
     children: set[int] = set()
     stopping = False
     signals = {signal.SIGTERM, signal.SIGINT}
@@ -94,7 +94,7 @@ def supervise(workers: int, *, burst: int = 10, window: float = 60.0) -> None:
             break
         children.discard(pid)
         code = os.waitstatus_to_exitcode(status)
-        if stopping or code == 0:
+        if stopping:
             continue
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < window] + [now]
@@ -103,7 +103,7 @@ def supervise(workers: int, *, burst: int = 10, window: float = 60.0) -> None:
             failed = True
             stop(signal.SIGTERM, None)
             continue
-        log.error("worker %d exited with %d; restarting it", pid, code)
+        log.error("worker %d exited with %d; starting another", pid, code)
         time.sleep(1)
         if not stopping and spawn():
             return
@@ -143,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await gw.stop()
             return 1
         server = HTTPServer(app, max_body_size=config.server.max_body_size + 1,
-                            idle_connection_timeout=60, body_timeout=60)
+                            idle_connection_timeout=config.server.idle_connection_timeout,
+                            body_timeout=config.server.body_timeout)
         server.add_sockets(sockets)
         demo = None
         if args.demo_upstream:
@@ -161,8 +162,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("stopping")
+        log.info("stopping: no new connections; %d request(s) in flight", gw.requests_in_flight)
         server.stop()
+        deadline = loop.time() + config.server.shutdown_timeout
+        while gw.requests_in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         if demo is not None:
             demo.stop()
         await server.close_all_connections()

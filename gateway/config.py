@@ -247,8 +247,11 @@ SERVER = [
     Option("workers", at_least(INT, 1), 1, "processes to fork (needs a shared session store when above 1)"),
     Option("auth_prefix", _prefix, "/auth", "path prefix of the gateway's own endpoints"),
     Option("max_body_size", SIZE, "10MiB", "largest request body accepted (413 beyond)"),
-    Option("trusted_proxies", _networks, [], "peers (IPs or CIDRs) whose X-Forwarded-For and X-Forwarded-Proto are believed"),
+    Option("trusted_proxies", _networks, [], "peers (IPs or CIDRs) whose X-Forwarded-For/-Proto/-Host and other client-address headers are believed and passed on"),
     Option("upstream_max_connections", at_least(INT, 1), 100, "concurrent upstream requests (pooled keep-alive connections)"),
+    Option("idle_connection_timeout", POSITIVE_DURATION, "60s", "a client connection idle this long between requests is closed"),
+    Option("body_timeout", POSITIVE_DURATION, "120s", "longest time a client may take to send a request body"),
+    Option("shutdown_timeout", DURATION, "10s", "on SIGTERM, how long requests in flight may take to finish"),
 ]
 
 SESSIONS = [

@@ -225,9 +225,7 @@ class PasswordProvider(Provider):
 
 
 class RegisterHandler(AuthHandler):
-    def initialize(self, provider: PasswordProvider, **kwargs: Any) -> None:  # type: ignore[override]
-        super().initialize(**kwargs)
-        self.provider = provider
+    provider: PasswordProvider
 
     async def post(self) -> None:
         result = await self.gateway.call_provider(self.provider, "register", self, self.json_body())

@@ -1025,3 +1025,29 @@ async def test_an_auth_prefix_is_a_path_not_a_pattern(start):
     assert r.code == 201
     r = await gw.client.request("GET", "/gwXv1/session")
     assert r.code == 404 and "no route" in body(r)["message"]
+
+
+@pytest.mark.gen_test
+async def test_a_web_app_on_an_allowed_origin_can_call_the_auth_endpoints(start):
+    gw = await start(sessions={"allowed_origins": [ALLOWED_ORIGIN]})
+    preflight = {"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    r = await gw.client.request("OPTIONS", "/auth/password/register", headers=preflight)
+    assert r.code == 204
+    assert r.headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
+    assert r.headers["Access-Control-Allow-Credentials"] == "true"
+    assert r.headers["Access-Control-Allow-Headers"] == "content-type"
+    r = await gw.client.request("POST", "/auth/password/register", headers={"Origin": ALLOWED_ORIGIN},
+                                json_body={"username": "alice", "password": PASSWORD})
+    assert r.code == 201 and r.headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
+    assert "X-Request-Id" in r.headers["Access-Control-Expose-Headers"]
+    r = await gw.client.request("GET", "/auth/session", headers={"Origin": ALLOWED_ORIGIN})
+    assert r.code == 401 and r.headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN  # errors are readable too
+    # Any other origin: refused preflight, no CORS headers.
+    r = await gw.client.request("OPTIONS", "/auth/password/register",
+                                headers={**preflight, "Origin": "https://evil.example"})
+    assert r.code == 403 and "Access-Control-Allow-Origin" not in r.headers
+    r = await gw.client.request("GET", "/auth/session", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+    # A plain OPTIONS is not a preflight.
+    assert (await gw.client.request("OPTIONS", "/auth/session")).code == 405

@@ -20,3 +20,16 @@ def test_readme_documents_the_password_provider_options():
 
 def test_readme_names_the_two_setup_commands():
     assert "make run" in README and "make test" in README
+
+
+def test_every_package_is_in_the_distribution():
+    """setup.cfg lists packages one by one: a new subpackage must be added
+    there, or a wheel (unlike the editable install) would leave it out."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "gateway").rglob("__init__.py")}
+    assert on_disk <= listed, f"missing from setup.cfg: {sorted(on_disk - listed)}"
+    assert "gateway_plugins" in listed

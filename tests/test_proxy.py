@@ -1124,3 +1124,23 @@ async def test_a_departed_client_frees_the_upstream_connection(make_gateway, tmp
         assert progress.get("sent", 0) < 64 << 20
     finally:
         server.stop()
+
+
+@pytest.mark.gen_test
+async def test_an_upstream_doing_its_own_cors_keeps_its_headers(make_gateway, tmp_path):
+    class Cors(tornado.web.RequestHandler):
+        def get(self):
+            self.set_header("Access-Control-Allow-Origin", "*")
+            self.finish("ok")
+
+    port = free_port()
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", Cors)]))
+    server.listen(port, "127.0.0.1")
+    try:
+        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path,
+                         sessions={"allowed_origins": ["https://app.example.com"]})
+        r = await rg.client.request("GET", "/public/x", headers={"Origin": "https://app.example.com"})
+        assert r.headers.get_list("Access-Control-Allow-Origin") == ["*"]
+        assert "Access-Control-Allow-Credentials" not in r.headers
+    finally:
+        server.stop()

@@ -50,9 +50,7 @@ class AuthHandler(BaseHandler):
 class LoginHandler(AuthHandler):
     """``POST {auth_prefix}/{provider}/login``."""
 
-    def initialize(self, provider: Provider, **kwargs: Any) -> None:  # type: ignore[override]
-        super().initialize(**kwargs)
-        self.provider = provider
+    provider: Provider
 
     async def post(self) -> None:
         body = self.json_body()

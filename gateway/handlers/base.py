@@ -38,6 +38,9 @@ class BaseHandler(tornado.web.RequestHandler):
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
     def initialize(self, **kwargs: Any) -> None:
+        """Route kwargs become attributes (``{"provider": p}`` -> ``self.provider``)."""
+        for name, value in kwargs.items():
+            setattr(self, name, value)
         self._chunks: list[bytes] = []
         self._body_size = 0
         self._token_source: str | None = None
@@ -55,6 +58,8 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.gateway.config.server.max_body_size
 
     async def prepare(self) -> None:
+        self.gateway.requests_in_flight += 1
+        self._in_flight = True
         limit = self.max_body_size
         length = self.request.headers.get("Content-Length")
         if length is not None:
@@ -67,6 +72,11 @@ class BaseHandler(tornado.web.RequestHandler):
         # Leave room past the limit so that data_received, not the connection,
         # notices an oversized chunked body and answers with a JSON 413.
         self.request.connection.set_max_body_size(2 * limit + 65536)  # type: ignore[union-attr]
+
+    def on_finish(self) -> None:
+        if getattr(self, "_in_flight", False):
+            self._in_flight = False
+            self.gateway.requests_in_flight -= 1
 
     def _too_large(self, limit: int) -> GatewayError:
         return GatewayError("payload_too_large", f"the request body exceeds the {limit}-byte limit")
@@ -159,9 +169,40 @@ class BaseHandler(tornado.web.RequestHandler):
             log.error("uncaught exception in %s %s", self.request.method, self.request.path, exc_info=(typ, value, tb))
 
     def set_default_headers(self) -> None:
-        # Every response, errors included, names its request for the logs.
+        # Every response, errors included, names its request for the logs,
+        # and carries CORS headers for an allowed origin.
         self.clear_header("Server")
         self.set_header("X-Request-Id", self.request_id)
+        origin = self.allowed_origin()
+        if origin:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Allow-Credentials", "true")
+            self.set_header("Access-Control-Expose-Headers", "X-Request-Id")
+        self.set_header("Vary", "Origin")
+
+    def allowed_origin(self) -> str | None:
+        """The request's Origin if it is in ``sessions.allowed_origins``."""
+        origin = (self.request.headers.get("Origin") or "").lower()
+        return origin if origin and origin in self.gateway.config.sessions.allowed_origins else None
+
+    def answer_preflight(self) -> None:
+        """A CORS preflight: allowed (with credentials) for an origin in
+        ``allowed_origins``, 403 for any other."""
+        if self.allowed_origin() is None:
+            raise GatewayError("forbidden", "this origin is not allowed to call this endpoint")
+        requested = self.request.headers.get("Access-Control-Request-Headers", "")
+        self.set_header("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
+        if requested:
+            self.set_header("Access-Control-Allow-Headers", re.sub(r"[^A-Za-z0-9_,\- ]", "", requested)[:1024])
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+    async def options(self, *args: Any) -> None:
+        """The gateway's own endpoints answer CORS preflights themselves."""
+        if not (self.request.headers.get("Origin") and self.request.headers.get("Access-Control-Request-Method")):
+            raise GatewayError("method_not_allowed", "OPTIONS is only answered as a CORS preflight")
+        self.answer_preflight()
 
     @property
     def request_id(self) -> str:

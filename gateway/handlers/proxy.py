@@ -129,28 +129,6 @@ class ProxyHandler(BaseHandler):
 
     get = head = post = delete = patch = put = options = _handle
 
-    def allowed_origin(self) -> str | None:
-        """The request's Origin if it is in ``sessions.allowed_origins``."""
-        origin = (self.request.headers.get("Origin") or "").lower()
-        return origin if origin and origin in self.gateway.config.sessions.allowed_origins else None
-
-    def answer_preflight(self) -> None:
-        """Allow a preflight from an origin in ``allowed_origins``, with
-        credentials; refuse any other with 403."""
-        origin = self.allowed_origin()
-        self.set_header("Vary", "Origin")
-        if origin is None:
-            raise GatewayError("forbidden", "this origin is not allowed to call this route")
-        requested = self.request.headers.get("Access-Control-Request-Headers", "")
-        self.set_header("Access-Control-Allow-Origin", origin)
-        self.set_header("Access-Control-Allow-Credentials", "true")
-        self.set_header("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
-        if requested:
-            self.set_header("Access-Control-Allow-Headers", re.sub(r"[^A-Za-z0-9_,\- ]", "", requested)[:1024])
-        self.set_header("Access-Control-Max-Age", "600")
-        self.set_status(204)
-        self.finish()
-
     def upstream_request_headers(self, route: Route, principal: Principal | None) -> tornado.httputil.HTTPHeaders:
         incoming = self.request.headers
         connection_listed = {canonical(t.strip()) for v in incoming.get_list("Connection") for t in v.split(",")}
@@ -397,6 +375,10 @@ class _ResponseRelay:
         connection_listed = {canonical(t.strip()) for v in headers.get_list("Connection") for t in v.split(",")}
         for name in ("Content-Type", "Date", "Server"):
             h.clear_header(name)
+        if "Access-Control-Allow-Origin" in headers:  # the upstream does its own CORS: its headers, not ours
+            for name in ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials",
+                         "Access-Control-Expose-Headers"):
+                h.clear_header(name)
         cookie_name = h.gateway.config.sessions.cookie_name
         chunked = "Transfer-Encoding" in headers  # then a Content-Length is not to be believed
         for name, value in headers.get_all():
@@ -407,11 +389,6 @@ class _ResponseRelay:
             if key == "set-cookie" and _sets_gateway_cookie(value, cookie_name):
                 continue
             h.add_header(name, value)
-        origin = h.allowed_origin()
-        if origin and "Access-Control-Allow-Origin" not in headers:
-            h.set_header("Access-Control-Allow-Origin", origin)
-            h.set_header("Access-Control-Allow-Credentials", "true")
-            h.add_header("Vary", "Origin")
 
     # -- body ----------------------------------------------------------------------
 
