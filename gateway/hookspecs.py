@@ -46,7 +46,8 @@ def gateway_providers(gateway: "Gateway") -> "Iterable[Provider] | None":
     Return a list of :class:`gateway.providers.Provider` *subclasses*
     (synchronously: this is called while the gateway is built).  Each is
     configured by the ``[providers.<name>]`` table, validated against
-    ``cls.options``, instantiated once and served at
+    ``cls.options``, instantiated each time a gateway is built (keep side
+    effects in ``Provider.setup``) and served at
     ``POST {auth_prefix}/{cls.name}/login``.  Two providers with the same
     name are a start-up error.
     """
@@ -59,7 +60,8 @@ def gateway_authenticate(
     """Authenticate a request that carries no valid session (an API key, say).
 
     Called when the request presents no live gateway session: no token, or a
-    stale cookie (a stale *Bearer* gateway token is refused outright).  Return a
+    stale cookie (a request with a stale *Bearer* gateway token is not offered
+    to plugins).  Return a
     :class:`gateway.requestinfo.Principal` to accept it, ``None`` to pass, or
     raise :class:`gateway.errors.GatewayError` to refuse it.  Stops at the
     first non-``None`` result.
@@ -110,8 +112,9 @@ def gateway_upstream_headers(
 
     Called for every proxied request; ``principal`` is ``None`` for an
     anonymous one.  Return a dict of header name to value, or ``None``.
-    Headers set by the gateway itself (the identity headers and the
-    ``X-Forwarded-*`` family) cannot be overridden.
+    Headers the gateway sets itself (the identity headers,
+    ``X-Forwarded-For``/``-Proto``/``-Host``, ``X-Request-Id``) and
+    hop-by-hop headers cannot be set this way.
     """
 
 

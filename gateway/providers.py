@@ -2,8 +2,9 @@
 
 A provider is contributed by a plugin through the ``gateway_providers`` hook
 as a :class:`Provider` *subclass*.  The gateway validates the
-``[providers.<name>]`` table against :attr:`Provider.options`, builds one
-instance, serves ``POST {auth_prefix}/<name>/login`` with it, and adds the
+``[providers.<name>]`` table against :attr:`Provider.options`, builds an
+instance (each time a gateway is built: side effects belong in
+:meth:`Provider.setup`), serves ``POST {auth_prefix}/<name>/login`` with it, and adds the
 routes its :meth:`Provider.handlers` returns.
 
 The gateway owns the fixed outer steps of a login (read the JSON body,

@@ -62,7 +62,7 @@ class PasswordProvider(Provider):
         Option("memory_cost", at_least(INT, 8), 65536, "argon2id memory in KiB"),
         Option("parallelism", at_least(INT, 1), 4, "argon2id lanes"),
         Option("hash_threads", at_least(INT, 1), 2, "threads that hash passwords (kept apart from other work)"),
-        Option("max_pending_hashes", at_least(INT, 1), 64, "logins waiting for a hashing thread before 429 rate_limited"),
+        Option("max_pending_hashes", at_least(INT, 1), 64, "hash jobs (logins, registrations, changes) running or queued before 429 rate_limited"),
     ]
 
     def __init__(self, gateway: Any, settings: Any) -> None:
