@@ -8,6 +8,7 @@ what the upstream received is read from the recording upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from types import SimpleNamespace
@@ -105,6 +106,29 @@ def port_upstream(io_loop):
     server.listen(port, "127.0.0.1")
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", ports=ports)
     server.stop()
+
+
+
+@contextlib.contextmanager
+def serving(app: tornado.web.Application):
+    """A one-off upstream on a free loopback port; yields its URL."""
+    port = free_port()
+    server = tornado.httpserver.HTTPServer(app)
+    server.listen(port, "127.0.0.1")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(handle):
+    """A one-off upstream that writes raw HTTP bytes (``handle(reader, writer)``)."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
 
 
 async def start(make_gateway, upstream_url: str, tmp_path, **sections: Any):
@@ -887,14 +911,10 @@ async def test_upstream_status_line_without_reason_phrase(make_gateway, tmp_path
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path)
+    async with raw_upstream(handle) as upstream_url:
+        rg = await start(make_gateway, upstream_url, tmp_path)
         r = await rg.client.request("GET", "/public/x")
         assert r.code == 201 and r.body == b"ok" and r.headers["X-Bare"] == "1"
-    finally:
-        server.close()
 
 
 @pytest.mark.gen_test
@@ -905,16 +925,11 @@ async def test_upstream_cannot_set_the_gateway_cookie(make_gateway, tmp_path):
             self.add_header("Set-Cookie", "theme=dark; Path=/")
             self.finish("ok")
 
-    port = free_port()
-    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", Fixer)]))
-    server.listen(port, "127.0.0.1")
-    try:
-        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path)
+    with serving(tornado.web.Application([(r".*", Fixer)])) as upstream_url:
+        rg = await start(make_gateway, upstream_url, tmp_path)
         r = await rg.client.request("GET", "/public/x")
         cookies = r.headers.get_list("Set-Cookie")
         assert cookies == ["theme=dark; Path=/"]
-    finally:
-        server.stop()
 
 
 @pytest.mark.gen_test
@@ -986,14 +1001,11 @@ async def test_nameless_cookies_from_the_upstream_are_dropped(make_gateway, tmp_
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        rg = await start(make_gateway, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", tmp_path)
+    async with raw_upstream(handle) as upstream_url:
+        rg = await start(make_gateway, upstream_url, tmp_path)
         r = await rg.client.request("GET", "/public/x")
         assert r.code == 200
         assert r.headers.get_list("Set-Cookie") == ["theme=dark"]
-    finally:
-        server.close()
 
 
 @pytest.mark.gen_test
@@ -1013,13 +1025,10 @@ async def test_upstream_sending_both_content_length_and_chunked(make_gateway, tm
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        rg = await start(make_gateway, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", tmp_path)
+    async with raw_upstream(handle) as upstream_url:
+        rg = await start(make_gateway, upstream_url, tmp_path)
         r = await rg.client.request("GET", "/public/x")
         assert r.code == 200 and r.body == b"hello world"
-    finally:
-        server.close()
 
 
 class BigStream(tornado.web.RequestHandler):
@@ -1043,11 +1052,8 @@ class BigStream(tornado.web.RequestHandler):
 @pytest.mark.gen_test(timeout=60)
 async def test_slow_client_pauses_the_upstream_instead_of_filling_memory(make_gateway, tmp_path):
     progress: dict = {}
-    port = free_port()
-    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", BigStream, {"progress": progress})]))
-    server.listen(port, "127.0.0.1")
-    try:
-        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path)
+    with serving(tornado.web.Application([(r".*", BigStream, {"progress": progress})])) as upstream_url:
+        rg = await start(make_gateway, upstream_url, tmp_path)
         reader, writer = await asyncio.open_connection("127.0.0.1", rg.port)
         writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
@@ -1063,8 +1069,6 @@ async def test_slow_client_pauses_the_upstream_instead_of_filling_memory(make_ga
             received += len(chunk)
         assert received == 64 << 20
         writer.close()
-    finally:
-        server.stop()
 
 
 @pytest.mark.gen_test
@@ -1080,12 +1084,9 @@ async def test_upstream_sees_no_headers_the_client_did_not_send(gw, upstream):
 async def test_a_slow_reader_is_not_cut_off_by_request_timeout(make_gateway, tmp_path):
     """request_timeout bounds the wait for the upstream, not the client's reading."""
     progress: dict = {}
-    port = free_port()
-    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", BigStream, {"progress": progress})]))
-    server.listen(port, "127.0.0.1")
-    try:
-        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path, routes=[
-            {"prefix": "/public/", "upstream": f"http://127.0.0.1:{port}", "auth": "public", "request_timeout": "1s"}])
+    with serving(tornado.web.Application([(r".*", BigStream, {"progress": progress})])) as upstream_url:
+        rg = await start(make_gateway, upstream_url, tmp_path, routes=[
+            {"prefix": "/public/", "upstream": upstream_url, "auth": "public", "request_timeout": "1s"}])
         reader, writer = await asyncio.open_connection("127.0.0.1", rg.port)
         writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
@@ -1098,18 +1099,13 @@ async def test_a_slow_reader_is_not_cut_off_by_request_timeout(make_gateway, tmp
             if received < 8 << 20:
                 await asyncio.sleep(0.3)  # a slow start: the whole read takes longer than request_timeout
         writer.close()
-    finally:
-        server.stop()
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_departed_client_frees_the_upstream_connection(make_gateway, tmp_path):
     progress: dict = {}
-    port = free_port()
-    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", BigStream, {"progress": progress})]))
-    server.listen(port, "127.0.0.1")
-    try:
-        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path)
+    with serving(tornado.web.Application([(r".*", BigStream, {"progress": progress})])) as upstream_url:
+        rg = await start(make_gateway, upstream_url, tmp_path)
         reader, writer = await asyncio.open_connection("127.0.0.1", rg.port)
         writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
@@ -1122,8 +1118,6 @@ async def test_a_departed_client_frees_the_upstream_connection(make_gateway, tmp
             await asyncio.sleep(0.1)
         assert progress.get("closed"), "the upstream transfer went on after the client left"
         assert progress.get("sent", 0) < 64 << 20
-    finally:
-        server.stop()
 
 
 @pytest.mark.gen_test
@@ -1133,14 +1127,9 @@ async def test_an_upstream_doing_its_own_cors_keeps_its_headers(make_gateway, tm
             self.set_header("Access-Control-Allow-Origin", "*")
             self.finish("ok")
 
-    port = free_port()
-    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r".*", Cors)]))
-    server.listen(port, "127.0.0.1")
-    try:
-        rg = await start(make_gateway, f"http://127.0.0.1:{port}", tmp_path,
+    with serving(tornado.web.Application([(r".*", Cors)])) as upstream_url:
+        rg = await start(make_gateway, upstream_url, tmp_path,
                          sessions={"allowed_origins": ["https://app.example.com"]})
         r = await rg.client.request("GET", "/public/x", headers={"Origin": "https://app.example.com"})
         assert r.headers.get_list("Access-Control-Allow-Origin") == ["*"]
         assert "Access-Control-Allow-Credentials" not in r.headers
-    finally:
-        server.stop()
