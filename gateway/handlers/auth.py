@@ -21,9 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
 class AuthHandler(BaseHandler):
     """Shared helpers of the auth endpoints."""
 
-    def check_xsrf_cookie(self) -> None:  # CSRF is handled by check_csrf()
-        pass
-
     async def user_body(self, principal: Principal) -> dict[str, Any]:
         user = await self.gateway.profiles.get_user(principal.user_id)
         return {"id": principal.user_id, "profile": user.profile if user else {}}

@@ -86,9 +86,6 @@ class ProxyHandler(BaseHandler):
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
-    def check_xsrf_cookie(self) -> None:
-        pass
-
     def compute_etag(self) -> None:
         return None  # the upstream's ETag, if any, is relayed as is
 
@@ -216,9 +213,6 @@ class ProxyHandler(BaseHandler):
             self.finish()
 
     def on_connection_close(self) -> None:
-        self._relay_client_gone()
-
-    def _relay_client_gone(self) -> None:
         relay = getattr(self, "_relay", None)
         if relay is not None:
             relay.client_gone()
