@@ -5,6 +5,7 @@ directory, and a login through it to a proxied request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
@@ -100,6 +101,20 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def stop(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGTERM the gateway and collect its output; a gateway (or supervisor)
+    that does not stop within 15 s is killed with its process group and fails."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the gateway did not stop on SIGTERM") from None
+
+
 def sign(subject: str) -> str:
     """What the identity server hands out: <subject>.<hmac>."""
     return subject + "." + hmac.new(SECRET.encode(), subject.encode(), hashlib.sha256).hexdigest()[:32]
@@ -159,12 +174,7 @@ async def test_serve_subprocess_login_through_third_party_plugin_and_proxy(
         assert (await client.request("GET", "/api/orders", token=token)).code == 401
     finally:
         client.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
+        out, err = stop(proc)
     assert proc.returncode == 0, err
     assert "plugins example, password" in err
     assert token not in out + err and SECRET not in out + err
@@ -197,13 +207,7 @@ async def test_serve_with_two_workers_shares_sessions_and_stops_on_sigterm(tmp_p
             assert r.code == 200, r.body
     finally:
         client.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-            raise AssertionError("the supervisor did not stop on SIGTERM")
+        _, err = stop(proc)
     assert proc.returncode == 0, err
     assert len(workers) == 2
     for pid in workers:  # every worker is gone, not orphaned

@@ -1049,14 +1049,20 @@ class BigStream(tornado.web.RequestHandler):
             self.progress["closed"] = True
 
 
+async def request_big_download(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Ask the gateway for /public/big on a raw connection, reading nothing yet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    return reader, writer
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_slow_client_pauses_the_upstream_instead_of_filling_memory(make_gateway, tmp_path):
     progress: dict = {}
     with serving(tornado.web.Application([(r".*", BigStream, {"progress": progress})])) as upstream_url:
         rg = await start(make_gateway, upstream_url, tmp_path)
-        reader, writer = await asyncio.open_connection("127.0.0.1", rg.port)
-        writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
-        await writer.drain()
+        reader, writer = await request_big_download(rg.port)
         await asyncio.sleep(1.5)  # the client reads nothing meanwhile
         stalled_at = progress.get("sent", 0)
         assert stalled_at < 32 << 20, f"the upstream could send {stalled_at} bytes to a client that read none"
@@ -1087,9 +1093,7 @@ async def test_a_slow_reader_is_not_cut_off_by_request_timeout(make_gateway, tmp
     with serving(tornado.web.Application([(r".*", BigStream, {"progress": progress})])) as upstream_url:
         rg = await start(make_gateway, upstream_url, tmp_path, routes=[
             {"prefix": "/public/", "upstream": upstream_url, "auth": "public", "request_timeout": "1s"}])
-        reader, writer = await asyncio.open_connection("127.0.0.1", rg.port)
-        writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
-        await writer.drain()
+        reader, writer = await request_big_download(rg.port)
         await reader.readuntil(b"\r\n\r\n")
         received = 0
         while received < 64 << 20:
@@ -1106,9 +1110,7 @@ async def test_a_departed_client_frees_the_upstream_connection(make_gateway, tmp
     progress: dict = {}
     with serving(tornado.web.Application([(r".*", BigStream, {"progress": progress})])) as upstream_url:
         rg = await start(make_gateway, upstream_url, tmp_path)
-        reader, writer = await asyncio.open_connection("127.0.0.1", rg.port)
-        writer.write(b"GET /public/big HTTP/1.1\r\nHost: x\r\n\r\n")
-        await writer.drain()
+        reader, writer = await request_big_download(rg.port)
         await reader.readuntil(b"\r\n\r\n")
         await reader.read(1 << 20)
         writer.close()
