@@ -21,6 +21,7 @@ import tornado.web
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, validate_table
+from gateway.crypto import Sealer, parse_key
 from gateway.errors import GatewayError
 from gateway.handlers import auth as auth_handlers
 from gateway.handlers import proxy as proxy_handlers
@@ -79,6 +80,9 @@ class Gateway:
             max_per_user=s.max_per_user,
             events=self._session_event,
         )
+        key = config.sessions.encryption_key
+        #: seals secrets kept in session data; a per-process key when none is configured
+        self.sealer = Sealer(parse_key(key)) if key else Sealer.generate()
         self.providers: dict[str, Provider] = self._build_providers()
         self.http_client: tornado.httpclient.AsyncHTTPClient | None = None
         #: requests being handled now (a graceful stop waits for them)
@@ -142,7 +146,7 @@ class Gateway:
                 problems.append(f"plugins.disabled: no installed plugin is named {name!r}")
         if problems:
             raise ConfigError(problems)
-        return providers
+        return {name: p for name, p in providers.items() if p.enabled}
 
     async def start(self) -> None:
         """Open the stores and set up providers and plugins."""

@@ -156,6 +156,27 @@ def _mongodb_url(value: Any) -> str:
     return value
 
 
+def _encryption_key(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected base64 text of 32 random bytes")
+    if value:
+        from gateway.crypto import parse_key
+
+        parse_key(value)
+    return value
+
+
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,128}$")  # RFC 6749 scope-token
+
+
+def _scopes(value: Any) -> list[str]:
+    out = _str_list(value)
+    for item in out:
+        if not _SCOPE.match(item):
+            raise ValueError(f"{item!r} is not a scope (printable ASCII, no spaces, quotes or backslashes)")
+    return out
+
+
 def _optional_domain(value: Any) -> str:
     if value == "":
         return value
@@ -269,6 +290,7 @@ SESSIONS = [
     Option("cookie_samesite", _choice("Lax", "Strict", "None"), "Lax", "SameSite attribute of the cookie"),
     Option("cookie_domain", _optional_domain, "", "Domain attribute of the cookie; empty = host-only"),
     Option("allowed_origins", _origins, [], "origins allowed to send cookie-authenticated unsafe requests; also the CORS allow-list"),
+    Option("encryption_key", _encryption_key, "", "base64 of 32 random bytes: seals secrets kept in sessions (WeChat session_key); required with the redis store when a provider keeps one", secret=True),
 ]
 
 PROFILES = [
@@ -291,6 +313,8 @@ ROUTE = [
     Option("connect_timeout", POSITIVE_DURATION, "5s", "upstream connect timeout (504 beyond)"),
     Option("request_timeout", POSITIVE_DURATION, "30s", "longest wait for the upstream's response head, or in a stalled body (504)"),
     Option("preserve_host", BOOL, False, "send the client's Host header upstream instead of the upstream's"),
+    Option("scopes", _scopes, [], "scopes a caller authenticated by a plugin (an API key) must all hold (403 otherwise)"),
+    Option("allow_sessions", BOOL, True, "whether session users (who hold no scopes) may use this route"),
 ]
 
 SECTIONS: dict[str, list[Option]] = {
@@ -417,6 +441,8 @@ def read_config(
             auth_prefix = sections["server"].get("auth_prefix") or "/auth"
             if prefix.rstrip("/") == auth_prefix.rstrip("/") or prefix.startswith(auth_prefix.rstrip("/") + "/"):
                 problems.append(f"routes[{i}].prefix: {prefix!r} lies under server.auth_prefix {auth_prefix!r}")
+        if route.get("auth") == "public" and route.get("scopes"):
+            problems.append(f"routes[{i}].scopes: a public route authenticates no one, so it cannot require scopes")
         if all(route.get(o.name) is not None for o in ROUTE):
             routes.append(route)
     providers = data.get("providers", {})

@@ -23,6 +23,7 @@ from gateway.profiles.base import User
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.app import Gateway
     from gateway.handlers.base import BaseHandler
+    from tornado.httputil import HTTPServerRequest
 
 
 @dataclass
@@ -45,10 +46,25 @@ class Provider:
     name: ClassVar[str] = ""
     #: the ``[providers.<name>]`` options, declared once with type, default, help.
     options: ClassVar[list[Option]] = []
+    #: serve ``POST {auth_prefix}/<name>/login`` (False for a provider that
+    #: only authenticates requests, through ``gateway_authenticate``).
+    login_route: ClassVar[bool] = True
 
     def __init__(self, gateway: "Gateway", settings: Section) -> None:
         self.gateway = gateway
         self.settings = settings
+
+    @property
+    def enabled(self) -> bool:
+        """False when the configuration leaves this provider off (no routes,
+        no :meth:`setup`); e.g. WeChat with no mini-program configured."""
+        return True
+
+    def credential_headers(self, request: "HTTPServerRequest") -> list[str]:
+        """Names of the request headers that carry this provider's credential
+        in ``request``.  The proxy strips them from every proxied request
+        (public routes too), so a credential never reaches an upstream."""
+        return []
 
     async def setup(self) -> None:
         """Called once the stores are open, before the gateway listens."""

@@ -20,10 +20,14 @@ class Route:
     connect_timeout: float
     request_timeout: float
     preserve_host: bool = False
+    scopes: tuple[str, ...] = ()
+    allow_sessions: bool = True
 
     @classmethod
     def from_section(cls, section: Section) -> "Route":
-        return cls(**{k: section[k] for k in cls.__dataclass_fields__})
+        values = {k: section[k] for k in cls.__dataclass_fields__}
+        values["scopes"] = tuple(values["scopes"])
+        return cls(**values)
 
     def matches(self, path: str, fold_case: bool = False) -> bool:
         prefix = self.prefix.lower() if fold_case else self.prefix

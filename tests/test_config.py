@@ -133,6 +133,13 @@ def test_route_defaults_and_values():
     ({"routes": [{"prefix": "/a/", "upstream": "http://x", "extra": 1}]}, "routes[0].extra"),
     ({"routes": [ROUTE, {**ROUTE}]}, "routes[1].prefix"),
     ({"routes": {"prefix": "/a/"}}, "routes"),
+    ({"routes": [{**ROUTE, "scopes": "orders:read"}]}, "routes[0].scopes"),
+    ({"routes": [{**ROUTE, "scopes": ["has space"]}]}, "routes[0].scopes"),
+    ({"routes": [{**ROUTE, "scopes": ['quote"d']}]}, "routes[0].scopes"),
+    ({"routes": [{**ROUTE, "auth": "public", "scopes": ["a"]}]}, "routes[0].scopes"),
+    ({"routes": [{**ROUTE, "allow_sessions": "no"}]}, "routes[0].allow_sessions"),
+    ({"sessions": {"encryption_key": "not base64!"}}, "sessions.encryption_key"),
+    ({"sessions": {"encryption_key": "c2hvcnQ="}}, "sessions.encryption_key"),
 ])
 def test_problem_names_its_key(data, key):
     assert_named(problems_of(data), key)

@@ -176,7 +176,7 @@ async def test_serve_subprocess_login_through_third_party_plugin_and_proxy(
         client.close()
         out, err = stop(proc)
     assert proc.returncode == 0, err
-    assert "plugins example, password" in err
+    assert "plugins apikey, example, password, wechat;" in err  # built-ins and the installed package alike
     assert token not in out + err and SECRET not in out + err
 
 

@@ -207,3 +207,32 @@ async def test_manager_touch_racing_a_refresh_keeps_the_new_token(store):
     await asyncio.sleep(0.3)
     assert await mgr.authenticate(token) is None
     assert (await mgr.authenticate(new_token)).id == session.id
+
+
+@pytest.mark.gen_test
+async def test_shared_values_with_ttl(store):
+    assert await store.get_value("k") is None
+    await store.set_value("k", "v1", 0.3)
+    assert await store.get_value("k") == "v1"
+    assert await store.add_value("k", "other", 5) is False  # held: not replaced
+    assert await store.get_value("k") == "v1"
+    await store.set_value("k", "v2", 0.3)  # set replaces
+    assert await store.get_value("k") == "v2"
+    await asyncio.sleep(0.4)
+    assert await store.get_value("k") is None  # expired
+    assert await store.add_value("k", "v3", 5) is True
+    assert await store.delete_value("k", expected="not-it") is False
+    assert await store.get_value("k") == "v3"
+    assert await store.delete_value("k", expected="v3") is True
+    assert await store.get_value("k") is None
+    assert await store.delete_value("k") is False
+    await store.set_value("k", "v4", 5)
+    assert await store.delete_value("k") is True
+    assert await store.get_value("k") is None
+
+
+@pytest.mark.gen_test
+async def test_add_value_is_a_lock_only_one_caller_gets(store):
+    results = await asyncio.gather(*(store.add_value("lock", str(i), 5) for i in range(20)))
+    assert results.count(True) == 1
+    assert await store.get_value("lock") == str(results.index(True))

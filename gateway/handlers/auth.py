@@ -139,7 +139,8 @@ def routes(gateway: "Gateway") -> list[tuple[Any, ...]]:
         (p("sessions", r"([A-Za-z0-9_\-]{1,64})"), SessionItemHandler),
     ]
     for provider in gateway.providers.values():
-        out.append((p(provider.name, "login"), LoginHandler, {"provider": provider}))
+        if provider.login_route:
+            out.append((p(provider.name, "login"), LoginHandler, {"provider": provider}))
     return out
 
 

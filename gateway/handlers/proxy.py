@@ -121,8 +121,21 @@ class ProxyHandler(BaseHandler):
             if principal is None and route.auth == "required":
                 raise unauthenticated()
             if principal is not None:
+                self.check_authorised(route, principal)
                 self.check_csrf()
         await self.forward(route, principal)
+
+    @staticmethod
+    def check_authorised(route: Route, principal: Principal) -> None:
+        """Route policy: sessions pass where ``allow_sessions``; any other
+        caller (an API key) must hold every one of the route's ``scopes``."""
+        if principal.session is not None:
+            if not route.allow_sessions:
+                raise GatewayError("forbidden", "this route does not accept sessions; use an API key")
+            return
+        missing = [s for s in route.scopes if s not in (principal.scopes or ())]
+        if missing:
+            raise GatewayError("forbidden", "this route requires the scope(s): " + " ".join(missing))
 
     get = head = post = delete = patch = put = options = _handle
 
@@ -130,6 +143,8 @@ class ProxyHandler(BaseHandler):
         incoming = self.request.headers
         connection_listed = {canonical(t.strip()) for v in incoming.get_list("Connection") for t in v.split(",")}
         strip = {canonical(h) for h in (principal.headers_to_strip if principal else ())}
+        for provider in self.gateway.providers.values():
+            strip.update(canonical(h) for h in provider.credential_headers(self.request))
         out = tornado.httputil.HTTPHeaders()
         cookie_name = self.gateway.config.sessions.cookie_name
         for name, value in incoming.get_all():

@@ -81,3 +81,23 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def clear(self, key: str) -> None:
         """Forget a counter."""
+
+    # -- small shared values with a TTL (a cached WeChat access token, a lock) --
+
+    @abc.abstractmethod
+    async def get_value(self, key: str) -> str | None:
+        """The value stored under ``key``, or ``None`` (absent or expired)."""
+
+    @abc.abstractmethod
+    async def set_value(self, key: str, value: str, ttl: float) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds, replacing any."""
+
+    @abc.abstractmethod
+    async def add_value(self, key: str, value: str, ttl: float) -> bool:
+        """Store ``value`` only if ``key`` holds nothing; True if stored.
+        Atomic across processes, so it can serve as a short lock."""
+
+    @abc.abstractmethod
+    async def delete_value(self, key: str, expected: str | None = None) -> bool:
+        """Remove ``key`` (only while it still holds ``expected``, when
+        given); True if something was removed."""

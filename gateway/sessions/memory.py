@@ -25,6 +25,7 @@ class MemorySessionStore(SessionStore):
         self._tokens: dict[str, tuple[str, float]] = {}
         self._users: dict[str, dict[str, float]] = {}
         self._counters: dict[str, tuple[int, float]] = {}
+        self._values: dict[str, tuple[str, float]] = {}
         self._writes = 0
 
     def _count_write(self) -> None:
@@ -41,6 +42,8 @@ class MemorySessionStore(SessionStore):
             self._tokens.pop(token_hash, None)
         for key in [k for k, (_, end) in self._counters.items() if end <= now]:
             self._counters.pop(key, None)
+        for key in [k for k, (_, end) in self._values.items() if end <= now]:
+            self._values.pop(key, None)
 
     def _live_session(self, session_id: str) -> Record | None:
         item = self._sessions.get(session_id)
@@ -153,3 +156,27 @@ class MemorySessionStore(SessionStore):
 
     async def clear(self, key: str) -> None:
         self._counters.pop(key, None)
+
+    async def get_value(self, key: str) -> str | None:
+        value, end = self._values.get(key, (None, 0.0))
+        if end <= time.time():
+            self._values.pop(key, None)
+            return None
+        return value
+
+    async def set_value(self, key: str, value: str, ttl: float) -> None:
+        self._count_write()
+        self._values[key] = (value, time.time() + ttl)
+
+    async def add_value(self, key: str, value: str, ttl: float) -> bool:
+        if await self.get_value(key) is not None:
+            return False
+        await self.set_value(key, value, ttl)
+        return True
+
+    async def delete_value(self, key: str, expected: str | None = None) -> bool:
+        current = await self.get_value(key)
+        if current is None or (expected is not None and current != expected):
+            return False
+        self._values.pop(key, None)
+        return True

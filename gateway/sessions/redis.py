@@ -2,7 +2,7 @@
 
 Keys (``gw:`` prefix): ``s:<id>`` the session JSON, ``t:<sha256 of token>``
 the session id, ``u:<user id>`` a sorted set of the user's session ids by
-creation time, ``c:<name>`` counters.  Every key carries a TTL.  Operations
+creation time, ``c:<name>`` counters, ``v:<name>`` small shared values.  Every key carries a TTL.  Operations
 that touch several keys run as Lua scripts, so they are atomic and cost one
 round trip.
 
@@ -104,6 +104,11 @@ if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1],
 return {n, redis.call('PTTL', KEYS[1])}
 """
 
+_DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
@@ -130,7 +135,8 @@ class RedisSessionStore(SessionStore):
             health_check_interval=30,
             decode_responses=True,
         )
-        for name, src in (("create", _CREATE), ("lookup", _LOOKUP), ("save", _SAVE), ("delete", _DELETE), ("hit", _HIT)):
+        for name, src in (("create", _CREATE), ("lookup", _LOOKUP), ("save", _SAVE), ("delete", _DELETE), ("hit", _HIT),
+                          ("delete_if", _DELETE_IF)):
             self._scripts[name] = self._client.register_script(src)
 
     async def close(self) -> None:
@@ -232,5 +238,33 @@ class RedisSessionStore(SessionStore):
     async def clear(self, key: str) -> None:
         try:
             await self.client.delete(f"{self._prefix}c:{key}")
+        except RedisError as exc:
+            raise self._unavailable(exc) from None
+
+    async def get_value(self, key: str) -> str | None:
+        try:
+            value = await self.client.get(f"{self._prefix}v:{key}")
+            return value if value is None or isinstance(value, str) else value.decode()
+        except RedisError as exc:
+            raise self._unavailable(exc) from None
+
+    async def set_value(self, key: str, value: str, ttl: float) -> None:
+        try:
+            await self.client.set(f"{self._prefix}v:{key}", value, px=_ms(ttl))
+        except RedisError as exc:
+            raise self._unavailable(exc) from None
+
+    async def add_value(self, key: str, value: str, ttl: float) -> bool:
+        try:
+            return bool(await self.client.set(f"{self._prefix}v:{key}", value, px=_ms(ttl), nx=True))
+        except RedisError as exc:
+            raise self._unavailable(exc) from None
+
+    async def delete_value(self, key: str, expected: str | None = None) -> bool:
+        k = f"{self._prefix}v:{key}"
+        if expected is not None:
+            return bool(await self._run("delete_if", [k], [expected]))
+        try:
+            return bool(await self.client.delete(k))
         except RedisError as exc:
             raise self._unavailable(exc) from None

@@ -1,0 +1,1 @@
+"""API keys: a provider that authenticates requests with keys (in progress)."""

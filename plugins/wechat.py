@@ -1,0 +1,497 @@
+"""WeChat mini-program login: ``code2Session``, user data decryption, phone numbers.
+
+Endpoints (under ``auth_prefix``):
+
+- ``POST /wechat/login``   ``{"code", "app"?}`` -> 200, a gateway session
+- ``POST /wechat/decrypt`` ``{"encryptedData", "iv"}`` -> 200, the decrypted
+  object (WeChat session required); profile fields are saved
+- ``POST /wechat/phone``   ``{"code"}`` -> 200, the phone number (WeChat
+  session required); saved to the profile
+
+A login exchanges the one-time ``code`` from ``wx.login()`` at
+``auth.code2Session`` for ``openid``, ``session_key`` and maybe ``unionid``.
+The identity subject is ``<appid>:<openid>``; a ``unionid`` (an Open Platform
+account binding several apps) links every app's openid to one user.  The
+``session_key`` is sealed (AES-GCM, ``[sessions] encryption_key``) into the
+gateway session and never leaves the gateway.
+
+The phone number API needs the app's access token, which is cached in the
+session store (one for all processes) and refreshed by one caller at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import tornado.httpclient
+from Crypto.Cipher import AES
+
+from gateway import hookimpl
+from gateway.config import POSITIVE_DURATION, ConfigError, Option, _http_url, _pattern, validate_table
+from gateway.errors import Conflict, GatewayError, invalid_request, unauthenticated
+from gateway.handlers.auth import AuthHandler
+from gateway.profiles.base import User
+from gateway.providers import LoginResult, Provider
+from gateway.requestinfo import Principal
+
+log = logging.getLogger("gateway.wechat")
+
+#: Decrypted user-data fields copied into the user's profile.
+PROFILE_FIELDS = ("nickName", "avatarUrl", "gender", "language", "city", "province", "country",
+                  "phoneNumber", "purePhoneNumber", "countryCode")
+PHONE_FIELDS = ("phoneNumber", "purePhoneNumber", "countryCode")
+UNIONID_PROVIDER = "wechat-unionid"
+_APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+MAX_ENCRYPTED = 64 * 1024
+
+# code2Session errcodes (and the phone API's where they mean the same).
+INVALID_CODE = {40029, 40163}
+QUOTA = 45011
+HIGH_RISK = 40226
+BUSY = -1
+TOKEN_INVALID = {40001, 42001}
+
+
+def _apps(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError("expected [providers.wechat.apps.<name>] tables")
+    for name in value:
+        if not _APP_NAME.match(name):
+            raise ValueError(f"{name!r} is not an app name (letters, digits, '-', '_')")
+    return value
+
+
+APP_OPTIONS = [
+    Option("appid", _pattern(re.compile(r"^wx[0-9a-f]{16}$"), "a mini-program AppID such as wx4f4bc4dec97d474b"),
+           None, "the mini-program's AppID", required=True),
+    Option("secret", _pattern(re.compile(r"^\S{1,128}$"), "the AppSecret (no spaces)"),
+           None, "the mini-program's AppSecret", secret=True, required=True),
+]
+
+
+@dataclass(frozen=True)
+class App:
+    name: str
+    appid: str
+    secret: str
+
+
+class WeChatError(Exception):
+    """WeChat answered with an ``errcode``."""
+
+    def __init__(self, errcode: int, errmsg: str) -> None:
+        super().__init__(errcode)
+        self.errcode = errcode
+        self.errmsg = errmsg
+
+
+def _b64(value: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid_request(f"field {name} is not valid base64") from None
+
+
+def decrypt_user_data(session_key_b64: str, iv_b64: str, encrypted_b64: str) -> dict[str, Any]:
+    """Decrypt WeChat's ``encryptedData`` (AES-128-CBC, PKCS#7) into its JSON
+    object, watermark included.  Every defect is a 400 ``invalid_request``
+    that says which; padding is checked strictly (1..16, all bytes equal)."""
+    key = _b64(session_key_b64, "session_key")
+    if len(key) != 16:
+        raise invalid_request("the session_key is not 16 bytes")
+    iv = _b64(iv_b64, "iv")
+    if len(iv) != 16:
+        raise invalid_request(f"field iv must decode to 16 bytes, got {len(iv)}")
+    data = _b64(encrypted_b64, "encryptedData")
+    if not data or len(data) % 16:
+        raise invalid_request(f"field encryptedData must decode to a non-empty multiple of 16 bytes, got {len(data)} "
+                              "(truncated?)")
+    plain = AES.new(key, AES.MODE_CBC, iv).decrypt(data)
+    pad = plain[-1]
+    if not 1 <= pad <= 16 or plain[-pad:] != bytes([pad]) * pad:
+        raise invalid_request("encryptedData does not decrypt to valid PKCS#7 padding: it was altered or cut, "
+                              "or it was encrypted under a newer session_key (then log in again)")
+    try:
+        text = plain[:-pad].decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_request("encryptedData does not decrypt to UTF-8 text") from None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise invalid_request("encryptedData does not decrypt to JSON") from None
+    if not isinstance(value, dict):
+        raise invalid_request("encryptedData does not decrypt to a JSON object")
+    return value
+
+
+def check_watermark(value: dict[str, Any], appid: str, what: str) -> None:
+    watermark = value.get("watermark")
+    if not isinstance(watermark, dict) or "appid" not in watermark:
+        raise invalid_request(f"the {what} has no watermark")
+    if watermark.get("appid") != appid:
+        raise invalid_request(f"the {what}'s watermark names another mini-program, not this session's")
+
+
+class WeChatProvider(Provider):
+    name = "wechat"
+    options = [
+        Option("api_base", _http_url, "https://api.weixin.qq.com", "base URL of WeChat's server API"),
+        Option("timeout", POSITIVE_DURATION, "5s", "longest wait for each call to WeChat (502 beyond)"),
+        Option("token_margin", POSITIVE_DURATION, "5m", "refresh an app's access token this long before it expires"),
+        Option("apps", _apps, {}, "one `[providers.wechat.apps.<name>]` table per mini-program, "
+               "with `appid` and `secret` (or `secret_env`); none = provider off"),
+    ]
+
+    def __init__(self, gateway: Any, settings: Any) -> None:
+        super().__init__(gateway, settings)
+        problems: list[str] = []
+        self.apps: dict[str, App] = {}
+        seen: dict[str, str] = {}
+        for name, table in (settings.apps or {}).items():
+            where = f"providers.wechat.apps.{name}"
+            values = validate_table(where, APP_OPTIONS, table, problems, gateway.config.environ)
+            if values.appid and values.secret:
+                if values.appid in seen:
+                    problems.append(f"{where}.appid: {values.appid} is also app {seen[values.appid]!r}")
+                seen[values.appid] = name
+                self.apps[name] = App(name, values.appid, values.secret)
+        if self.apps and gateway.sealer.ephemeral and gateway.session_store.shared:
+            problems.append("sessions.encryption_key: required (or encryption_key_env) with the shared "
+                            f"{gateway.session_store.name!r} session store and the WeChat provider: it seals "
+                            "each session's session_key, and every process must open it")
+        if problems:
+            raise ConfigError(problems)
+        self.http: tornado.httpclient.AsyncHTTPClient | None = None
+        self._refreshing: dict[str, asyncio.Task[str]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.apps)
+
+    async def setup(self) -> None:
+        self.http = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=100)
+        if self.gateway.sealer.ephemeral:
+            log.warning("sessions.encryption_key is not set: WeChat session_keys are sealed under a key of this "
+                        "process only, so /wechat/decrypt needs a new login after a restart")
+
+    async def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+
+    # -- calling WeChat ----------------------------------------------------------
+
+    async def call(self, endpoint: str, query: dict[str, str], body: dict[str, Any] | None = None,
+                   redact: tuple[str, ...] = ()) -> dict[str, Any]:
+        """One call to WeChat's API; the reply as a dict.  Raises 502 when
+        WeChat cannot be reached or answers with anything but JSON, and
+        :class:`WeChatError` for an ``errcode``.  Nothing in ``redact`` (and
+        no query string) reaches a log line."""
+        if self.http is None:
+            raise RuntimeError("WeChatProvider.setup() has not been called")
+        url = self.settings.api_base + endpoint + "?" + urlencode(query)
+        timeout = self.settings.timeout
+        try:
+            response = await self.http.fetch(
+                url, method="POST" if body is not None else "GET",
+                body=json.dumps(body) if body is not None else None,
+                headers={"Content-Type": "application/json"} if body is not None else None,
+                connect_timeout=timeout, request_timeout=timeout, raise_error=False, follow_redirects=False,
+            )
+        except Exception as exc:  # DNS failure and the like, before any response
+            raise self._bad_gateway(endpoint, f"{type(exc).__name__}") from None
+        if response.code == 599:
+            raise self._bad_gateway(endpoint, f"no answer ({type(response.error).__name__})")
+        if response.code != 200:
+            raise self._bad_gateway(endpoint, f"HTTP {response.code}")
+        try:  # JSON, whatever the Content-Type says (code2Session sends text/plain)
+            reply = json.loads(response.body)
+        except (ValueError, RecursionError):
+            raise self._bad_gateway(endpoint, "the reply is not JSON") from None
+        if not isinstance(reply, dict):
+            raise self._bad_gateway(endpoint, "the reply is not a JSON object")
+        errcode = reply.get("errcode", 0)
+        if errcode not in (0, None):
+            errmsg = str(reply.get("errmsg", ""))[:200]
+            for secret in redact:
+                if secret:
+                    errmsg = errmsg.replace(secret, "[redacted]")
+            raise WeChatError(errcode if isinstance(errcode, int) else -99999, errmsg)
+        return reply
+
+    @staticmethod
+    def _bad_gateway(endpoint: str, why: str) -> GatewayError:
+        return GatewayError("bad_gateway", "WeChat's API did not answer usably; try again",
+                            log_message=f"WeChat {endpoint}: {why}")
+
+    @staticmethod
+    def map_error(exc: WeChatError, endpoint: str, invalid_code: tuple[str, str]) -> GatewayError:
+        """The gateway's answer to an ``errcode``; ``invalid_code`` is the
+        ``(code, message)`` for 40029/40163 at this endpoint.  WeChat's own
+        words go to the log only."""
+        detail = f"WeChat {endpoint}: errcode {exc.errcode} {exc.errmsg}"
+        headers: dict[str, str] = {}
+        if exc.errcode in INVALID_CODE:
+            code, message = invalid_code
+            if code == "invalid_credentials":
+                headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
+        elif exc.errcode == QUOTA:
+            code, message = "rate_limited", "WeChat's API quota for this mini-program is used up; try again later"
+            headers["Retry-After"] = "60"
+        elif exc.errcode == HIGH_RISK:
+            code, message = "forbidden", "WeChat refused this login: the user was judged high-risk"
+        elif exc.errcode == BUSY:
+            code, message = "unavailable", "WeChat is busy; try again shortly"
+            headers["Retry-After"] = "1"
+        else:
+            code, message = "bad_gateway", "WeChat's API refused the request"
+        return GatewayError(code, message, headers=headers, log_message=detail)
+
+    # -- login ---------------------------------------------------------------------
+
+    def app_for(self, handler: AuthHandler, body: dict[str, Any]) -> App:
+        name = handler.field(body, "app", str, default=None, max_length=64)
+        if name is None:
+            if len(self.apps) != 1:
+                raise invalid_request("field app is required: several mini-programs are configured ("
+                                      + ", ".join(sorted(self.apps)) + ")")
+            return next(iter(self.apps.values()))
+        if name not in self.apps:
+            raise invalid_request(f"field app names no configured mini-program (known: {', '.join(sorted(self.apps))})")
+        return self.apps[name]
+
+    async def login(self, handler: AuthHandler, body: dict[str, Any]) -> LoginResult:  # type: ignore[override]
+        code = handler.field(body, "code", str, max_length=256)
+        app = self.app_for(handler, body)
+        query = {"appid": app.appid, "secret": app.secret, "js_code": code, "grant_type": "authorization_code"}
+        try:  # never retried: a code is single-use
+            reply = await self.call("/sns/jscode2session", query, redact=(app.secret, code))
+        except WeChatError as exc:
+            raise self.map_error(exc, "code2Session", (
+                "invalid_credentials", "the code is not valid or was already used; call wx.login again")) from None
+        openid, session_key, unionid = reply.get("openid"), reply.get("session_key"), reply.get("unionid")
+        if not (isinstance(openid, str) and openid and isinstance(session_key, str)):
+            raise self._bad_gateway("code2Session", "the reply lacks openid or session_key")
+        try:
+            key = base64.b64decode(session_key, validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) != 16:
+            raise self._bad_gateway("code2Session", "the session_key is not base64 of 16 bytes")
+        if not (isinstance(unionid, str) and unionid):
+            unionid = None
+        user, created = await self.resolve_user(app, openid, unionid)
+        # WeChat replaces the session_key at every wx.login: remember which
+        # login holds the current one, so an older session's key is known stale.
+        key_id = secrets.token_urlsafe(12)
+        await self.gateway.session_store.set_value(self._key_marker(app.appid, openid), key_id,
+                                                   self.gateway.config.sessions.absolute_timeout)
+        data = {"app": app.name, "appid": app.appid, "openid": openid, "key_id": key_id,
+                "session_key": self.gateway.sealer.seal(key, self._context(app.appid, openid, key_id))}
+        return LoginResult(user=user, session_data=data, created=created)
+
+    @staticmethod
+    def _key_marker(appid: str, openid: str) -> str:
+        return f"wechat:key:{appid}:{openid}"
+
+    @staticmethod
+    def _context(appid: str, openid: str, key_id: str) -> str:
+        return f"wechat.session_key:{appid}:{openid}:{key_id}"
+
+    async def resolve_user(self, app: App, openid: str, unionid: str | None) -> tuple[User, bool]:
+        """The user of ``(appid, openid)``, created on first login; a
+        ``unionid`` joins the same person's accounts across apps."""
+        profiles = self.gateway.profiles
+        subject = f"{app.appid}:{openid}"
+        data = {"appid": app.appid, "openid": openid, **({"unionid": unionid} if unionid else {})}
+        identity = await profiles.get_identity(self.name, subject)
+        if identity is None and unionid:
+            user, _, created = await profiles.resolve_identity(UNIONID_PROVIDER, unionid, profile={}, data={})
+            try:
+                await profiles.link_identity(user.id, self.name, subject, data=data)
+                return user, created
+            except Conflict:  # a concurrent login linked it first
+                identity = await profiles.get_identity(self.name, subject)
+        if identity is None:
+            user, identity, created = await profiles.resolve_identity(self.name, subject, profile={}, data=data)
+        else:
+            found = await profiles.get_user(identity.user_id)
+            if found is None:
+                raise GatewayError("internal", "an internal error occurred",
+                                   log_message=f"wechat identity points at missing user {identity.user_id}")
+            user, created = found, False
+        if unionid and identity.data.get("unionid") != unionid:
+            # The app was bound to an Open Platform account after this user's
+            # first login: join the accounts now.
+            try:
+                await profiles.link_identity(user.id, UNIONID_PROVIDER, unionid)
+                await profiles.update_identity_data(self.name, subject, {"unionid": unionid})
+            except Conflict:
+                log.warning("wechat: a unionid already belongs to another user; the accounts stay apart")
+        return user, created
+
+    # -- the session's own WeChat data ----------------------------------------------------
+
+    async def session_key(self, principal: Principal) -> bytes:
+        """The session's ``session_key``, or 401 when WeChat has replaced it."""
+        assert principal.session is not None
+        data = principal.session.data
+        current = await self.gateway.session_store.get_value(self._key_marker(data["appid"], data["openid"]))
+        relogin = unauthenticated("WeChat's session_key for this session has been replaced (wx.login was called "
+                                  "again); log in again with a new code")
+        if current is not None and current != data.get("key_id"):
+            raise relogin
+        try:
+            return self.gateway.sealer.open(data["session_key"], self._context(data["appid"], data["openid"],
+                                                                                data.get("key_id", "")))
+        except (ValueError, KeyError):  # sealed under another key (a restart without encryption_key)
+            raise relogin from None
+
+    def require_wechat(self, principal: Principal) -> App:
+        if principal.session is None or principal.session.provider != self.name:
+            raise GatewayError("forbidden", "this endpoint needs a session from WeChat login")
+        app = self.apps.get(principal.session.data.get("app", ""))
+        if app is None or app.appid != principal.session.data.get("appid"):
+            raise unauthenticated("this session's mini-program is no longer configured; log in again")
+        return app
+
+    async def save_profile(self, user_id: str, value: dict[str, Any], fields: tuple[str, ...]) -> None:
+        update = {k: value[k] for k in fields
+                  if isinstance(value.get(k), (str, int)) and not isinstance(value.get(k), bool)}
+        if update:
+            try:
+                await self.gateway.profiles.update_profile(user_id, update)
+            except KeyError:
+                raise unauthenticated("this session's user no longer exists") from None
+
+    # -- the access token, shared by every process --------------------------------------
+
+    async def access_token(self, app: App, rejected: str | None = None) -> str:
+        """The app's access token from the shared cache, else fetched once for
+        every concurrent caller.  ``rejected``: the token WeChat just refused."""
+        store = self.gateway.session_store
+        cached = await store.get_value(f"wechat:token:{app.appid}")
+        if cached and cached != rejected:
+            return cached
+        task = self._refreshing.get(app.appid)
+        if task is None:
+            task = asyncio.ensure_future(self._refresh(app, rejected))
+            self._refreshing[app.appid] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(app.appid, None))
+        return await asyncio.shield(task)
+
+    async def _refresh(self, app: App, rejected: str | None) -> str:
+        """Fetch a token under a short lock in the shared store, so that one
+        process asks WeChat while the others wait for the cached result."""
+        store = self.gateway.session_store
+        key, lock = f"wechat:token:{app.appid}", f"wechat:token-lock:{app.appid}"
+        owner = secrets.token_hex(8)
+        deadline = time.monotonic() + 2 * self.settings.timeout + 1
+        while time.monotonic() < deadline:
+            if await store.add_value(lock, owner, self.settings.timeout + 1):
+                try:
+                    cached = await store.get_value(key)
+                    if cached and cached != rejected:
+                        return cached  # another process refreshed it meanwhile
+                    token, expires_in = await self._fetch_token(app, force=False)
+                    if token == rejected:  # WeChat handed back the token it refuses
+                        token, expires_in = await self._fetch_token(app, force=True)
+                    margin = min(self.settings.token_margin, expires_in / 2)
+                    await store.set_value(key, token, max(1.0, expires_in - margin))
+                    return token
+                finally:
+                    await store.delete_value(lock, expected=owner)
+            await asyncio.sleep(0.05)
+            cached = await store.get_value(key)
+            if cached and cached != rejected:
+                return cached
+        raise GatewayError("gateway_timeout", "timed out waiting for WeChat's access token",
+                           log_message=f"WeChat stable_token: no token for app {app.name!r} within the wait")
+
+    async def _fetch_token(self, app: App, *, force: bool) -> tuple[str, float]:
+        body = {"grant_type": "client_credential", "appid": app.appid, "secret": app.secret, "force_refresh": force}
+        try:
+            reply = await self.call("/cgi-bin/stable_token", {}, body, redact=(app.secret,))
+        except WeChatError as exc:
+            raise self.map_error(exc, "stable_token", ("bad_gateway", "WeChat's API refused the request")) from None
+        token, expires_in = reply.get("access_token"), reply.get("expires_in")
+        if not (isinstance(token, str) and token and isinstance(expires_in, (int, float)) and expires_in > 0):
+            raise self._bad_gateway("stable_token", "the reply lacks access_token or expires_in")
+        return token, float(expires_in)
+
+    async def phone_number(self, app: App, code: str) -> dict[str, Any]:
+        token = await self.access_token(app)
+        for attempt in (1, 2):
+            try:
+                reply = await self.call("/wxa/business/getuserphonenumber", {"access_token": token}, {"code": code},
+                                        redact=(token, code))
+                break
+            except WeChatError as exc:
+                if exc.errcode in TOKEN_INVALID and attempt == 1:
+                    await self.gateway.session_store.delete_value(f"wechat:token:{app.appid}", expected=token)
+                    token = await self.access_token(app, rejected=token)
+                    continue
+                raise self.map_error(exc, "getuserphonenumber", (
+                    "invalid_request", "the phone code is not valid or has expired")) from None
+        info = reply.get("phone_info")
+        if not isinstance(info, dict) or not all(isinstance(info.get(f), str) for f in PHONE_FIELDS):
+            raise self._bad_gateway("getuserphonenumber", "the reply lacks phone_info")
+        watermark = info.get("watermark")
+        if not isinstance(watermark, dict) or watermark.get("appid") != app.appid:
+            raise self._bad_gateway("getuserphonenumber", "phone_info's watermark names another appid")
+        return {f: info[f] for f in PHONE_FIELDS}
+
+    def handlers(self) -> list[tuple[Any, ...]]:
+        p = self.gateway.auth_path
+        return [
+            (p(self.name, "decrypt"), DecryptHandler, {"provider": self}),
+            (p(self.name, "phone"), PhoneHandler, {"provider": self}),
+        ]
+
+
+class DecryptHandler(AuthHandler):
+    """``POST {auth_prefix}/wechat/decrypt``: user data from ``wx.getUserInfo`` and the like."""
+
+    provider: WeChatProvider
+
+    async def post(self) -> None:
+        principal = await self.require_session()
+        app = self.provider.require_wechat(principal)
+        body = self.json_body()
+        encrypted = self.field(body, "encryptedData", str, max_length=MAX_ENCRYPTED)
+        iv = self.field(body, "iv", str, max_length=64)
+        key = await self.provider.session_key(principal)
+        value = decrypt_user_data(base64.b64encode(key).decode(), iv, encrypted)
+        check_watermark(value, app.appid, "decrypted data")
+        await self.provider.save_profile(principal.user_id, value, PROFILE_FIELDS)
+        value.pop("watermark", None)
+        self.write_json(value)
+
+
+class PhoneHandler(AuthHandler):
+    """``POST {auth_prefix}/wechat/phone``: the number behind a ``getPhoneNumber`` code."""
+
+    provider: WeChatProvider
+
+    async def post(self) -> None:
+        principal = await self.require_session()
+        app = self.provider.require_wechat(principal)
+        code = self.field(self.json_body(), "code", str, max_length=256)
+        phone = await self.provider.phone_number(app, code)
+        await self.provider.save_profile(principal.user_id, phone, PHONE_FIELDS)
+        self.write_json(phone)
+
+
+@hookimpl
+def gateway_providers() -> list[type[Provider]]:
+    return [WeChatProvider]

@@ -1,0 +1,125 @@
+"""Core policy features: route scopes and allow_sessions, credential headers
+stripped everywhere, sealed session secrets, providers that are switched off.
+
+A plugin principal comes from the recording test plugin's
+``gateway_authenticate`` (``X-Test-Key: let-me-in`` -> scopes read, write).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from conftest import base_config, body
+from gateway.app import Gateway
+from gateway.config import ConfigError, load_config
+from gateway.crypto import Sealer, parse_key
+from gateway.plugins import get_plugin_manager
+from test_plugins import load_recording_plugin
+
+KEY = {"X-Test-Key": "let-me-in"}  # scopes: read, write
+
+
+@pytest.fixture
+def policy_gw(make_gateway, upstream, tmp_path, io_loop):
+    routes = [
+        {"prefix": "/read/", "upstream": upstream.url, "scopes": ["read"]},
+        {"prefix": "/admin/", "upstream": upstream.url, "scopes": ["read", "admin", "audit"]},
+        {"prefix": "/keys-only/", "upstream": upstream.url, "allow_sessions": False},
+        {"prefix": "/any/", "upstream": upstream.url},
+        {"prefix": "/public/", "upstream": upstream.url, "auth": "public"},
+        {"prefix": "/optional/", "upstream": upstream.url, "auth": "optional", "scopes": ["read"]},
+    ]
+    pm = get_plugin_manager(extra_plugins=[("recording", load_recording_plugin())])
+    return io_loop.run_sync(lambda: make_gateway(base_config(upstream.url, tmp_path, routes=routes), pm=pm))
+
+
+@pytest.mark.gen_test
+async def test_a_plugin_principal_needs_every_scope_of_the_route(policy_gw, upstream):
+    r = await policy_gw.client.request("GET", "/read/x", headers=KEY)
+    assert r.code == 200
+    assert upstream.last.header("X-Auth-Scopes") == "read write"
+    assert upstream.last.header("X-User-Id") == "u_key"
+    r = await policy_gw.client.request("GET", "/admin/x", headers=KEY)
+    assert r.code == 403 and body(r)["error"] == "forbidden"
+    assert "admin audit" in body(r)["message"]  # names exactly what is missing
+    assert upstream.last.path == "/read/x"  # the refused request never reached the upstream
+
+
+@pytest.mark.gen_test
+async def test_sessions_pass_scope_checks_where_the_route_allows_sessions(policy_gw, upstream):
+    token = (await policy_gw.client.register())["token"]
+    assert (await policy_gw.client.request("GET", "/admin/x", token=token)).code == 200
+    assert upstream.last.header("X-Auth-Scopes") is None
+    r = await policy_gw.client.request("GET", "/keys-only/x", token=token)
+    assert r.code == 403 and body(r)["error"] == "forbidden"
+    assert (await policy_gw.client.request("GET", "/keys-only/x", headers=KEY)).code == 200
+    assert (await policy_gw.client.request("GET", "/keys-only/x")).code == 401
+
+
+@pytest.mark.gen_test
+async def test_optional_route_with_scopes(policy_gw, upstream):
+    assert (await policy_gw.client.request("GET", "/optional/x")).code == 200  # anonymous passes
+    assert upstream.last.header("X-User-Id") is None
+    assert (await policy_gw.client.request("GET", "/optional/x", headers=KEY)).code == 200
+    assert upstream.last.header("X-User-Id") == "u_key"
+
+
+@pytest.mark.gen_test
+async def test_credential_headers_never_reach_an_upstream_even_on_public_routes(policy_gw, upstream):
+    r = await policy_gw.client.request("GET", "/public/x", headers={**KEY, "X-Other": "kept"})
+    assert r.code == 200
+    seen = upstream.last
+    assert seen.header("X-Test-Key") is None and seen.header("X-Other") == "kept"
+    assert seen.header("X-User-Id") is None  # a public route authenticates no one
+    assert (await policy_gw.client.request("GET", "/any/x", headers=KEY)).code == 200
+    assert upstream.last.header("X-Test-Key") is None
+
+
+def test_sealer_round_trip_and_refusals():
+    sealer = Sealer(parse_key(base64.b64encode(b"k" * 32).decode()))
+    sealed = sealer.seal(b"session-key-bytes", "ctx-1")
+    assert b"session-key-bytes" not in base64.urlsafe_b64decode(sealed[3:])
+    assert sealer.open(sealed, "ctx-1") == b"session-key-bytes"
+    assert sealer.seal(b"same", "c") != sealer.seal(b"same", "c")  # fresh nonce each time
+    with pytest.raises(ValueError):
+        sealer.open(sealed, "ctx-2")  # bound to its context
+    with pytest.raises(ValueError):
+        Sealer(b"o" * 32).open(sealed, "ctx-1")  # another key
+    tampered = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    for bad in (tampered, sealed[:20], "v1.!!!", "plain", ""):
+        with pytest.raises(ValueError):
+            sealer.open(bad, "ctx-1")
+    with pytest.raises(ValueError, match="32 bytes"):
+        parse_key(base64.b64encode(b"short").decode())
+
+
+def test_encryption_key_from_the_environment(tmp_path):
+    key = base64.b64encode(bytes(range(32))).decode()
+    config = load_config(data={"sessions": {"encryption_key_env": "GW_KEY"},
+                               "profiles": {"sqlite_path": str(tmp_path / "p.db")}}, environ={"GW_KEY": key})
+    gateway = Gateway(config)
+    assert not gateway.sealer.ephemeral
+    assert Sealer(bytes(range(32))).open(gateway.sealer.seal(b"x")) == b"x"
+
+
+def test_no_encryption_key_means_a_per_process_key(tmp_path):
+    config = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")}}, environ={})
+    assert Gateway(config).sealer.ephemeral
+
+
+@pytest.mark.gen_test
+async def test_a_provider_that_is_off_has_no_endpoints(gw):
+    # The built-in WeChat provider is installed, but no mini-program is configured.
+    assert "wechat" not in gw.gateway.providers
+    r = await gw.client.request("POST", "/auth/wechat/login", json_body={"code": "x"})
+    assert r.code == 404 and body(r)["error"] == "not_found"
+
+
+def test_a_switched_off_provider_still_has_its_table_checked(tmp_path):
+    config = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")},
+                               "providers": {"wechat": {"timeout": "soon"}}}, environ={})
+    with pytest.raises(ConfigError) as info:
+        Gateway(config)
+    assert any(p.startswith("providers.wechat.timeout:") for p in info.value.problems)
