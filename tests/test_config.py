@@ -426,11 +426,68 @@ def test_a_provider_cannot_take_the_name_of_a_gateway_endpoint(tmp_path):
     assert any("'sessions'" in p and "own endpoints" in p for p in info.value.problems)
 
 
+#: What the shipped example configurations read from the environment.
+EXAMPLE_ENVIRONMENT = {
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "MONGODB_URL": "mongodb://127.0.0.1:27017",
+    "GATEWAY_ENCRYPTION_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+    "WECHAT_SHOP_SECRET": "shop-secret-value",
+    "WECHAT_STAFF_SECRET": "staff-secret-value",
+}
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("*.toml")))
 def test_every_shipped_configuration_passes_check_config(path):
-    p = run([str(GATEWAY_BIN), "check-config", "--config", str(path)],
-            REDIS_URL="redis://127.0.0.1:6379/0", MONGODB_URL="mongodb://127.0.0.1:27017")
+    p = run([str(GATEWAY_BIN), "check-config", "--config", str(path)], **EXAMPLE_ENVIRONMENT)
     assert p.returncode == 0, p.stderr
+
+
+def test_production_example_serves_every_provider_and_names_what_it_misses():
+    path = str(ROOT / "conf" / "production.example.toml")
+    p = run([str(GATEWAY_BIN), "check-config", "--config", path], **EXAMPLE_ENVIRONMENT)
+    assert p.returncode == 0, p.stderr
+    listed = p.stdout.split("providers: ", 1)[1].split(";", 1)[0]
+    assert sorted(listed.split(", ")) == ["apikey", "password", "wechat"]
+    assert "shop-secret-value" not in p.stdout + p.stderr
+    # Without the sealing key, Redis and WeChat together are refused.
+    env = {k: v for k, v in EXAMPLE_ENVIRONMENT.items() if k != "GATEWAY_ENCRYPTION_KEY"}
+    p = run([str(GATEWAY_BIN), "check-config", "--config", path], **env)
+    assert p.returncode == 2
+    assert "sessions.encryption_key_env: environment variable GATEWAY_ENCRYPTION_KEY is not set" in p.stderr
+    assert "WECHAT_STAFF_SECRET" not in p.stderr
+
+
+def test_redis_store_with_wechat_and_no_encryption_key_is_refused(tmp_path):
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        '[sessions]\nstore = "redis"\n[profiles]\nsqlite_path = "%s"\n'
+        '[providers.wechat.apps.main]\nappid = "wx4f4bc4dec97d474b"\nsecret = "app-secret"\n'
+        % (tmp_path / "p.db"))
+    p = run([str(GATEWAY_BIN), "check-config", "--config", str(config)])
+    assert p.returncode == 2
+    assert "sessions.encryption_key: required" in p.stderr
+    assert "app-secret" not in p.stderr
+    # With the memory store a per-process key stands in.
+    config.write_text(config.read_text().replace('store = "redis"', 'store = "memory"'))
+    assert run([str(GATEWAY_BIN), "check-config", "--config", str(config)]).returncode == 0
+
+
+@pytest.mark.parametrize("apps, key", [
+    ({"main": {"appid": "not-an-appid", "secret": "s"}}, "providers.wechat.apps.main.appid"),
+    ({"main": {"appid": "wx4f4bc4dec97d474b"}}, "providers.wechat.apps.main.secret"),
+    ({"main": {"appid": "wx4f4bc4dec97d474b", "secret_env": "NOPE"}}, "providers.wechat.apps.main.secret_env"),
+    ({"main": {"appid": "wx4f4bc4dec97d474b", "secret": "s", "extra": 1}}, "providers.wechat.apps.main.extra"),
+    ({"a": {"appid": "wx4f4bc4dec97d474b", "secret": "s"}, "b": {"appid": "wx4f4bc4dec97d474b", "secret": "t"}},
+     "providers.wechat.apps."),
+    ({"bad name": {"appid": "wx4f4bc4dec97d474b", "secret": "s"}}, "providers.wechat.apps"),
+    ("main", "providers.wechat.apps"),
+])
+def test_wechat_app_tables_are_checked(tmp_path, apps, key):
+    config = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")},
+                               "providers": {"wechat": {"apps": apps}}}, environ={})
+    with pytest.raises(ConfigError) as info:
+        Gateway(config)
+    assert any(p.startswith(key) for p in info.value.problems), info.value.problems
 
 
 def test_redis_example_without_its_environment_names_the_missing_variables():
