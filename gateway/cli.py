@@ -1,4 +1,4 @@
-"""The ``gateway`` command: ``serve`` and ``check-config``."""
+"""The ``gateway`` command: ``serve``, ``check-config`` and ``apikey``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import os
 import signal
 import time
 import sys
-from typing import Sequence
+from datetime import datetime
+from typing import Any, Awaitable, Callable, Sequence
 
 from gateway.errors import GatewayError
 from gateway.config import ConfigError, load_config, read_config
@@ -176,6 +177,127 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+# -- gateway apikey create|list|revoke: the profile store only, no server ------------------
+
+
+def _expires(value: str) -> float:
+    """``--expires``: a positive duration (argparse exits 2 on ValueError)."""
+    from gateway.config import parse_duration
+
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be longer than zero")
+    return seconds
+
+
+def _when(value: datetime | None, never: str = "-") -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else never
+
+
+def _with_profiles(args: argparse.Namespace, work: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``work(store)`` with the configured profile store open: exit 2 on a
+    bad configuration, 1 when the store is unavailable."""
+    from gateway.profiles import open_profile_store
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        store = open_profile_store(config.profiles)
+        try:
+            await store.open()
+            return await work(store)
+        except GatewayError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            if exc.detail:
+                log.error("%s", exc.detail)
+            return 1
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def cmd_apikey_create(args: argparse.Namespace) -> int:
+    from gateway_plugins.apikey import new_api_key
+
+    scopes = [s.strip() for s in (args.scopes or "").split(",") if s.strip()]
+    try:
+        key, record = new_api_key(args.user, args.name, scopes, args.expires)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    async def work(store: Any) -> int:
+        if await store.get_user(args.user) is None:
+            print(f"error: no user with id {args.user!r}", file=sys.stderr)
+            return 1
+        try:
+            await store.create_api_key(record)
+        except KeyError:  # the user went away meanwhile
+            print(f"error: no user with id {args.user!r}", file=sys.stderr)
+            return 1
+        print(f"key:     {key}")
+        print("         (shown only this once: store it now; the gateway keeps only its hash)")
+        print(f"id:      {record.id}")
+        print(f"user:    {record.user_id}")
+        print(f"name:    {record.name}")
+        print(f"scopes:  {' '.join(record.scopes) or '-'}")
+        print(f"expires: {_when(record.expires_at, 'never')}")
+        return 0
+
+    return _with_profiles(args, work)
+
+
+def cmd_apikey_list(args: argparse.Namespace) -> int:
+    async def work(store: Any) -> int:
+        if await store.get_user(args.user) is None:
+            print(f"error: no user with id {args.user!r}", file=sys.stderr)
+            return 1
+        rows = [("ID", "NAME", "SCOPES", "CREATED", "EXPIRES", "REVOKED", "LAST USED")]
+        for k in await store.list_api_keys(args.user):
+            rows.append((k.id, k.name, ",".join(k.scopes) or "-", _when(k.created_at),
+                         _when(k.expires_at, "never"), _when(k.revoked_at), _when(k.last_used_at)))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        return 0
+
+    return _with_profiles(args, work)
+
+
+def cmd_apikey_revoke(args: argparse.Namespace) -> int:
+    from gateway_plugins.apikey import parse_key
+
+    key_id = args.id
+    if key_id.startswith("gwk_"):  # a whole key pasted: use its id, never echo it
+        parsed = parse_key(key_id)
+        if parsed is None:
+            print("error: that is not a well-formed API key or key id", file=sys.stderr)
+            return 2
+        key_id = parsed[0]
+
+    async def work(store: Any) -> int:
+        from gateway.profiles.base import utcnow
+
+        record = await store.revoke_api_key(key_id, utcnow())
+        if record is None:
+            shown = repr(key_id) if len(key_id) <= 64 and key_id.isprintable() else "given"
+            print(f"error: no API key with id {shown}", file=sys.stderr)
+            return 1
+        print(f"revoked: {record.id} ({record.name}) at {_when(record.revoked_at)}")
+        return 0
+
+    return _with_profiles(args, work)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description="Session gateway")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -189,6 +311,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a configuration file; exit 2 listing every problem")
     check.add_argument("--config", required=True, help="TOML configuration file")
     check.set_defaults(func=cmd_check_config)
+    apikey = sub.add_parser("apikey", help="create, list and revoke API keys (uses the profile store only)")
+    keys = apikey.add_subparsers(dest="apikey_command", required=True)
+    create = keys.add_parser("create", help="make a key for a user and print it (once)")
+    create.add_argument("--config", required=True, help="TOML configuration file")
+    create.add_argument("--user", required=True, help="the owner's user id (u_...)")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument("--scopes", default="", help="comma-separated scopes, e.g. orders:read,orders:write")
+    create.add_argument("--expires", type=_expires, help="lifetime, e.g. 90d (default: never expires)")
+    create.set_defaults(func=cmd_apikey_create)
+    listing = keys.add_parser("list", help="list a user's keys (never their secrets)")
+    listing.add_argument("--config", required=True, help="TOML configuration file")
+    listing.add_argument("--user", required=True, help="the owner's user id (u_...)")
+    listing.set_defaults(func=cmd_apikey_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id (takes effect within providers.apikey.cache_ttl)")
+    revoke.add_argument("--config", required=True, help="TOML configuration file")
+    revoke.add_argument("id", help="the key id (the 16 hex digits after gwk_)")
+    revoke.set_defaults(func=cmd_apikey_revoke)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_redaction(*logging.getLogger().handlers)

@@ -12,13 +12,14 @@ import re
 
 _PATTERNS = [
     (re.compile(r"gws_[A-Za-z0-9_\-]+"), "gws_[redacted]"),  # session tokens
+    (re.compile(r"gwk_[A-Za-z0-9_\-]+"), "gwk_[redacted]"),  # API keys
     (re.compile(r"(\w+://)[^/@\s:]*:[^/@\s]+@"), r"\1[redacted]@"),  # [user]:password@ in URLs
-    (re.compile(r"((?:password|passwd|pwd|secret|token)=)[^&\s;]+", re.I), r"\1[redacted]"),  # in queries
+    (re.compile(r"(\b(?:password|passwd|pwd|secret|token|access_token|js_code|code|session_key)=)[^&\s;]+", re.I), r"\1[redacted]"),  # in queries
 ]
 
 #: Loggers whose records may quote a request: the filter is attached to each.
 LOGGERS = ("gateway", "gateway.app", "gateway.access", "gateway.proxy", "gateway.plugins",
-           "gateway.sessions", "gateway.password", "tornado.general", "tornado.access", "tornado.application")
+           "gateway.sessions", "gateway.password", "gateway.wechat", "gateway.apikey", "tornado.general", "tornado.access", "tornado.application")
 
 
 def redact(text: str) -> str:

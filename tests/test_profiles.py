@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import Conflict, StoreUnavailable
-from gateway.profiles.base import ProfileStore
+from gateway.profiles.base import ApiKey, ProfileStore
 from gateway.profiles.mongodb import MongoProfileStore
 from gateway.profiles.sqlite import SQLiteProfileStore
 
@@ -404,3 +404,174 @@ def test_sqlite_file_opened_by_several_worker_processes_at_once(tmp_path: Path) 
         assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4
         with sqlite3.connect(path) as conn:
             assert conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 1
+
+
+# -- API keys, for every store -------------------------------------------------------
+
+
+def _api_key(key_id: str, user_id: str, **fields: Any) -> ApiKey:
+    values: dict[str, Any] = {
+        "name": "ci bot", "scopes": ["orders:read", "orders:write"], "secret_hash": "ab" * 32,
+        "created_at": datetime.now(timezone.utc), "expires_at": None,
+    }
+    values.update(fields)
+    return ApiKey(id=key_id, user_id=user_id, **values)
+
+
+async def api_key_count(store: ProfileStore) -> int:
+    """API key records as held by the backing database itself."""
+    if isinstance(store, SQLiteProfileStore):
+        with sqlite3.connect(store.path) as conn:
+            count = conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]
+        conn.close()
+        return count
+    from pymongo import AsyncMongoClient
+
+    assert isinstance(store, MongoProfileStore)
+    client: Any = AsyncMongoClient(MONGODB_URL)
+    try:
+        return await client[store.database].api_keys.count_documents({})
+    finally:
+        await client.close()
+
+
+@pytest.mark.gen_test
+async def test_api_key_create_and_get_round_trip(store: ProfileStore) -> None:
+    await store.open()
+    user, _, _ = await store.resolve_identity("password", "alice")
+    expires = datetime.now(timezone.utc) + timedelta(days=30)
+    await store.create_api_key(_api_key("0123456789abcdef", user.id, name="CI 机器人 🤖", expires_at=expires))
+    got = await store.get_api_key("0123456789abcdef")
+    assert got is not None
+    assert (got.id, got.user_id, got.name, got.scopes, got.secret_hash) == (
+        "0123456789abcdef", user.id, "CI 机器人 🤖", ["orders:read", "orders:write"], "ab" * 32)
+    assert got.revoked_at is None and got.last_used_at is None
+    assert got.expires_at is not None and abs(got.expires_at - expires) < timedelta(milliseconds=2)
+    assert_utc(got.created_at)
+    assert got.expires_at.utcoffset() == timedelta(0)
+    assert await store.get_api_key("fedcba9876543210") is None
+
+    await store.create_api_key(_api_key("1111111111111111", user.id, scopes=[]))
+    no_expiry = await store.get_api_key("1111111111111111")
+    assert no_expiry is not None and no_expiry.expires_at is None and no_expiry.scopes == []
+    assert await api_key_count(store) == 2
+
+
+@pytest.mark.gen_test
+async def test_api_key_duplicate_id_conflicts_and_unknown_user_is_key_error(store: ProfileStore) -> None:
+    await store.open()
+    alice, _, _ = await store.resolve_identity("password", "alice")
+    bob, _, _ = await store.resolve_identity("password", "bob")
+    await store.create_api_key(_api_key("0123456789abcdef", alice.id, name="first"))
+    with pytest.raises(Conflict):
+        await store.create_api_key(_api_key("0123456789abcdef", bob.id, name="second"))
+    with pytest.raises(KeyError):
+        await store.create_api_key(_api_key("2222222222222222", "u_nobody"))
+    kept = await store.get_api_key("0123456789abcdef")
+    assert kept is not None and (kept.user_id, kept.name) == (alice.id, "first")
+    assert await store.get_api_key("2222222222222222") is None
+    assert await api_key_count(store) == 1
+
+
+@pytest.mark.gen_test
+async def test_api_key_list_is_per_user_oldest_first_revoked_included(store: ProfileStore) -> None:
+    await store.open()
+    alice, _, _ = await store.resolve_identity("password", "alice")
+    bob, _, _ = await store.resolve_identity("password", "bob")
+    start = datetime.now(timezone.utc)
+    # created out of order: the listing follows created_at
+    await store.create_api_key(_api_key("000000000000000b", alice.id, name="second", created_at=start + timedelta(seconds=1)))
+    await store.create_api_key(_api_key("000000000000000a", alice.id, name="first", created_at=start))
+    await store.create_api_key(_api_key("000000000000000c", bob.id, name="bob's"))
+    await store.create_api_key(_api_key("000000000000000d", alice.id, name="third", created_at=start + timedelta(seconds=2)))
+    await store.revoke_api_key("000000000000000b", datetime.now(timezone.utc))
+    listed = await store.list_api_keys(alice.id)
+    assert [k.name for k in listed] == ["first", "second", "third"]
+    assert [k.revoked_at is not None for k in listed] == [False, True, False]
+    assert [k.name for k in await store.list_api_keys(bob.id)] == ["bob's"]
+    assert await store.list_api_keys("u_nobody") == []
+
+
+@pytest.mark.gen_test
+async def test_api_key_revoke_once(store: ProfileStore) -> None:
+    await store.open()
+    user, _, _ = await store.resolve_identity("password", "alice")
+    await store.create_api_key(_api_key("0123456789abcdef", user.id))
+    first = datetime.now(timezone.utc)
+    revoked = await store.revoke_api_key("0123456789abcdef", first)
+    assert revoked is not None and revoked.revoked_at is not None
+    assert abs(revoked.revoked_at - first) < timedelta(milliseconds=2)
+    # revoking again keeps the first time
+    again = await store.revoke_api_key("0123456789abcdef", first + timedelta(hours=1))
+    assert again is not None and again.revoked_at == revoked.revoked_at
+    stored = await store.get_api_key("0123456789abcdef")
+    assert stored is not None and stored.revoked_at == revoked.revoked_at
+    assert_utc(stored.revoked_at)
+    assert await store.revoke_api_key("fedcba9876543210", first) is None
+    assert await api_key_count(store) == 1
+
+
+@pytest.mark.gen_test
+async def test_api_key_touch_writes_at_most_once_per_interval(store: ProfileStore) -> None:
+    await store.open()
+    user, _, _ = await store.resolve_identity("password", "alice")
+    await store.create_api_key(_api_key("0123456789abcdef", user.id))
+    interval = timedelta(minutes=1)
+    t0 = datetime.now(timezone.utc)
+    assert await store.touch_api_key("0123456789abcdef", t0, t0 - interval) is True
+    stored = await store.get_api_key("0123456789abcdef")
+    assert stored is not None and stored.last_used_at is not None
+    assert abs(stored.last_used_at - t0) < timedelta(milliseconds=2)
+    assert_utc(stored.last_used_at)
+
+    # within the interval (another process, say): nothing written
+    t1 = t0 + timedelta(seconds=30)
+    assert await store.touch_api_key("0123456789abcdef", t1, t1 - interval) is False
+    assert (await store.get_api_key("0123456789abcdef")).last_used_at == stored.last_used_at
+
+    # of concurrent touches for one interval, exactly one writes
+    t2 = t0 + timedelta(seconds=61)
+    results = await asyncio.gather(*(store.touch_api_key("0123456789abcdef", t2, t2 - interval) for _ in range(10)))
+    assert sorted(results) == [False] * 9 + [True]
+    later = await store.get_api_key("0123456789abcdef")
+    assert later is not None and abs(later.last_used_at - t2) < timedelta(milliseconds=2)
+
+    assert await store.touch_api_key("fedcba9876543210", t2, t2 - interval) is False
+
+
+@pytest.mark.gen_test
+async def test_sqlite_existing_database_gains_api_keys(tmp_path: Path) -> None:
+    """A file made before API keys existed gets the table on open."""
+    path = str(tmp_path / "old.db")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE users (id TEXT PRIMARY KEY, profile TEXT NOT NULL DEFAULT '{}',"
+            " created_at TEXT NOT NULL, updated_at TEXT NOT NULL);"
+            "INSERT INTO users VALUES ('u_old', '{}', '2025-01-01T00:00:00.000000+00:00',"
+            " '2025-01-01T00:00:00.000000+00:00');"
+        )
+    conn.close()
+    store = SQLiteProfileStore(path)
+    await store.open()
+    try:
+        await store.create_api_key(_api_key("0123456789abcdef", "u_old"))
+        assert [k.id for k in await store.list_api_keys("u_old")] == ["0123456789abcdef"]
+    finally:
+        await store.close()
+    reopened = SQLiteProfileStore(path)
+    await reopened.open()
+    try:
+        assert (await reopened.get_api_key("0123456789abcdef")) is not None
+    finally:
+        await reopened.close()
+
+
+@pytest.mark.gen_test
+async def test_sqlite_closed_store_api_keys_unavailable(tmp_path: Path) -> None:
+    store = SQLiteProfileStore(str(tmp_path / "p.db"))
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.get_api_key("0123456789abcdef")
+    with pytest.raises(StoreUnavailable):
+        await store.touch_api_key("0123456789abcdef", datetime.now(timezone.utc), datetime.now(timezone.utc))

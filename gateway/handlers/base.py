@@ -305,6 +305,8 @@ class BaseHandler(tornado.web.RequestHandler):
         Referer), the same origin as the gateway, or X-Requested-With."""
         if self._token_source != "cookie" or self.request.method not in UNSAFE_METHODS:
             return
+        if self._principal is not None and self._principal.session is None:
+            return  # authenticated by a plugin (an API key), not by the cookie
         if self.request.headers.get("X-Requested-With"):
             return
         origin = self.request.headers.get("Origin")

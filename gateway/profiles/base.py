@@ -9,6 +9,9 @@ first logins for the same subject create exactly one user.
 An identity also carries ``data``: provider-private fields (a password hash,
 say) that never leave the gateway.
 
+An *API key* record (:class:`ApiKey`) belongs to one user; the store keeps
+only the SHA-256 of the key's secret, never the key.
+
 Every method may raise :class:`gateway.errors.StoreUnavailable` when the
 backing database cannot be reached; nothing already stored is lost.
 """
@@ -55,6 +58,26 @@ class Identity:
     @property
     def key(self) -> str:
         return identity_key(self.provider, self.subject)
+
+
+@dataclass
+class ApiKey:
+    """An API key's record: owner, name, scopes, the SHA-256 (hex) of its
+    secret and timezone-aware UTC datetimes.  ``expires_at`` ``None``: never
+    expires; ``revoked_at``/``last_used_at`` ``None``: not (yet)."""
+
+    id: str
+    user_id: str
+    name: str
+    scopes: list[str]
+    secret_hash: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or utcnow())
 
 
 class ProfileStore(abc.ABC):
@@ -126,3 +149,30 @@ class ProfileStore(abc.ABC):
     @abc.abstractmethod
     async def list_identities(self, user_id: str) -> list[Identity]:
         """Every identity linked to the user, oldest first."""
+
+    # -- API keys ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_api_key(self, key: ApiKey) -> None:
+        """Store a new key record; raise :class:`gateway.errors.Conflict` if a
+        key with this id exists and ``KeyError`` if ``key.user_id`` is not a
+        user (storing nothing either way)."""
+
+    @abc.abstractmethod
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        """The key record with this id, or ``None``."""
+
+    @abc.abstractmethod
+    async def list_api_keys(self, user_id: str) -> list[ApiKey]:
+        """Every key of the user, revoked and expired ones included, oldest first."""
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, key_id: str, when: datetime) -> ApiKey | None:
+        """Set ``revoked_at = when`` unless already set (the first revocation
+        stands) and return the record; ``None`` for an unknown id."""
+
+    @abc.abstractmethod
+    async def touch_api_key(self, key_id: str, when: datetime, older_than: datetime) -> bool:
+        """Set ``last_used_at = when`` only if it is unset or earlier than
+        ``older_than`` (one conditional write, so processes sharing the store
+        write at most once per interval); True if written."""

@@ -7,6 +7,10 @@ Two collections:
 ``identities``
     ``{_id: "<provider>:<subject>", provider, subject, user_id, data: {...},
     created_at}``, indexed on ``user_id``.
+``api_keys``
+    ``{_id: <key id>, user_id, name, scopes: [...], secret_hash, created_at,
+    expires_at, revoked_at, last_used_at}`` (missing or ``null`` times are
+    unset), indexed on ``user_id``.
 
 Uniqueness of an identity rests on its natural key being the ``_id``, so a
 first login is one atomic upsert of the link (``$setOnInsert`` with a freshly
@@ -43,6 +47,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from gateway.errors import Conflict, StoreUnavailable
 from gateway.profiles.base import (
+    ApiKey,
     Identity,
     ProfileStore,
     User,
@@ -121,6 +126,24 @@ def _identity(doc: dict[str, Any]) -> Identity:
     )
 
 
+def _opt_utc(value: Any) -> datetime | None:
+    return None if value is None else _utc(value)
+
+
+def _api_key(doc: dict[str, Any]) -> ApiKey:
+    return ApiKey(
+        id=doc["_id"],
+        user_id=doc["user_id"],
+        name=doc.get("name", ""),
+        scopes=[str(s) for s in doc.get("scopes") or []],
+        secret_hash=doc.get("secret_hash", ""),
+        created_at=_utc(doc.get("created_at")),
+        expires_at=_opt_utc(doc.get("expires_at")),
+        revoked_at=_opt_utc(doc.get("revoked_at")),
+        last_used_at=_opt_utc(doc.get("last_used_at")),
+    )
+
+
 class MongoProfileStore(ProfileStore):
     """Users and identity links in a MongoDB database.  See the module docstring."""
 
@@ -170,6 +193,7 @@ class MongoProfileStore(ProfileStore):
             return
         with self._errors():
             await self._identities.create_index([("user_id", ASCENDING)], name="user_id")
+            await self._api_keys.create_index([("user_id", ASCENDING)], name="user_id")
         self._indexes_ready = True
 
     # -- plumbing ----------------------------------------------------------
@@ -181,6 +205,10 @@ class MongoProfileStore(ProfileStore):
     @property
     def _identities(self) -> AsyncCollection[dict[str, Any]]:
         return self._db_client()[self.database]["identities"]
+
+    @property
+    def _api_keys(self) -> AsyncCollection[dict[str, Any]]:
+        return self._db_client()[self.database]["api_keys"]
 
     def _db_client(self) -> AsyncMongoClient[dict[str, Any]]:
         if self._client is None:
@@ -402,3 +430,59 @@ class MongoProfileStore(ProfileStore):
             cursor = self._identities.find({"user_id": user_id}).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
             docs = await cursor.to_list(None)
         return [_identity(doc) for doc in docs]
+
+    # -- API keys ----------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey) -> None:
+        await self._ready()
+        doc = {
+            "_id": key.id,
+            "user_id": key.user_id,
+            "name": key.name,
+            "scopes": list(key.scopes),
+            "secret_hash": key.secret_hash,
+            "created_at": key.created_at,
+            "expires_at": key.expires_at,
+            "revoked_at": key.revoked_at,
+            "last_used_at": key.last_used_at,
+        }
+        with self._errors():
+            if await self._api_keys.find_one({"_id": key.id}, projection={"_id": 1}) is not None:
+                raise Conflict("that API key id already exists")
+            if await self._users.find_one({"_id": key.user_id}, projection={"_id": 1}) is None:
+                raise KeyError(key.user_id)
+            await self._api_keys.insert_one(doc)  # a concurrent duplicate: Conflict
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        await self._ready()
+        with self._errors():
+            doc = await self._api_keys.find_one({"_id": key_id})
+        return None if doc is None else _api_key(doc)
+
+    async def list_api_keys(self, user_id: str) -> list[ApiKey]:
+        await self._ready()
+        with self._errors():
+            cursor = self._api_keys.find({"user_id": user_id}).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
+            docs = await cursor.to_list(None)
+        return [_api_key(doc) for doc in docs]
+
+    async def revoke_api_key(self, key_id: str, when: datetime) -> ApiKey | None:
+        await self._ready()
+        with self._errors():
+            doc = await self._api_keys.find_one_and_update(
+                {"_id": key_id, "revoked_at": None},  # null or missing: not revoked yet
+                {"$set": {"revoked_at": when}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is None:  # unknown, or revoked before: the first revocation stands
+                doc = await self._api_keys.find_one({"_id": key_id})
+        return None if doc is None else _api_key(doc)
+
+    async def touch_api_key(self, key_id: str, when: datetime, older_than: datetime) -> bool:
+        await self._ready()
+        with self._errors():
+            result = await self._api_keys.update_one(
+                {"_id": key_id, "$or": [{"last_used_at": None}, {"last_used_at": {"$lt": older_than}}]},
+                {"$set": {"last_used_at": when}},
+            )
+        return result.modified_count > 0

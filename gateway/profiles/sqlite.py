@@ -11,7 +11,8 @@ read-modify-write runs inside ``BEGIN IMMEDIATE`` so it is also atomic against
 other processes sharing the file; this is what makes fifty concurrent first
 logins for one subject create exactly one user.
 
-Profiles and identity data are stored as JSON text (``ensure_ascii=False``,
+API keys live in ``api_keys`` (the secret's SHA-256, never the key; scopes
+as a JSON list).  Profiles and identity data are stored as JSON text (``ensure_ascii=False``,
 so any Unicode round-trips unchanged); datetimes are stored as ISO 8601
 strings in UTC and read back as timezone-aware UTC datetimes.
 
@@ -34,6 +35,7 @@ from typing import Any, Callable, TypeVar
 
 from gateway.errors import Conflict, StoreUnavailable
 from gateway.profiles.base import (
+    ApiKey,
     Identity,
     ProfileStore,
     User,
@@ -64,6 +66,18 @@ CREATE TABLE IF NOT EXISTS identities (
     created_at  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS identities_user_id ON identities(user_id);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id           TEXT PRIMARY KEY,
+    user_id      TEXT NOT NULL REFERENCES users(id),
+    name         TEXT NOT NULL,
+    scopes       TEXT NOT NULL DEFAULT '[]',
+    secret_hash  TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT,
+    revoked_at   TEXT,
+    last_used_at TEXT
+);
+CREATE INDEX IF NOT EXISTS api_keys_user_id ON api_keys(user_id);
 """
 
 
@@ -84,6 +98,25 @@ def _dt(text: str) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)
+
+
+def _opt_ts(value: datetime | None) -> str | None:
+    return None if value is None else _ts(value)
+
+
+def _opt_dt(text: str | None) -> datetime | None:
+    return None if text is None else _dt(text)
+
+
+_API_KEY_COLUMNS = "id, user_id, name, scopes, secret_hash, created_at, expires_at, revoked_at, last_used_at"
+
+
+def _api_key_row(row: tuple[Any, ...]) -> ApiKey:
+    return ApiKey(
+        id=row[0], user_id=row[1], name=row[2], scopes=[str(s) for s in json.loads(row[3] or "[]")],
+        secret_hash=row[4], created_at=_dt(row[5]), expires_at=_opt_dt(row[6]),
+        revoked_at=_opt_dt(row[7]), last_used_at=_opt_dt(row[8]),
+    )
 
 
 def _merge(current: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
@@ -379,3 +412,57 @@ class SQLiteProfileStore(ProfileStore):
             return [self._identity_row(row) for row in rows]
 
         return await self._run(work, write=False)
+
+    # -- API keys ----------------------------------------------------------------
+
+    @staticmethod
+    def _api_key(conn: sqlite3.Connection, key_id: str) -> ApiKey | None:
+        row = conn.execute(f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else _api_key_row(row)
+
+    async def create_api_key(self, key: ApiKey) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            if self._api_key(conn, key.id) is not None:
+                raise Conflict("that API key id already exists")
+            if self._user(conn, key.user_id) is None:
+                raise KeyError(key.user_id)
+            conn.execute(
+                f"INSERT INTO api_keys ({_API_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key.id, key.user_id, key.name, json.dumps(list(key.scopes), ensure_ascii=False),
+                 key.secret_hash, _ts(key.created_at), _opt_ts(key.expires_at),
+                 _opt_ts(key.revoked_at), _opt_ts(key.last_used_at)),
+            )
+
+        await self._run(work)
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        return await self._run(lambda conn: self._api_key(conn, key_id), write=False)
+
+    async def list_api_keys(self, user_id: str) -> list[ApiKey]:
+        def work(conn: sqlite3.Connection) -> list[ApiKey]:
+            rows = conn.execute(
+                f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE user_id = ? ORDER BY created_at, rowid",
+                (user_id,),
+            ).fetchall()
+            return [_api_key_row(row) for row in rows]
+
+        return await self._run(work, write=False)
+
+    async def revoke_api_key(self, key_id: str, when: datetime) -> ApiKey | None:
+        def work(conn: sqlite3.Connection) -> ApiKey | None:
+            conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                         (_ts(when), key_id))
+            return self._api_key(conn, key_id)
+
+        return await self._run(work)
+
+    async def touch_api_key(self, key_id: str, when: datetime, older_than: datetime) -> bool:
+        # Stored times share one format (UTC, microseconds), so they compare as text.
+        def work(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+                (_ts(when), key_id, _ts(older_than)),
+            )
+            return cursor.rowcount > 0
+
+        return await self._run(work)
