@@ -147,7 +147,8 @@ class WeChatProvider(Provider):
     options = [
         Option("api_base", _http_url, "https://api.weixin.qq.com", "base URL of WeChat's server API"),
         Option("timeout", POSITIVE_DURATION, "5s", "longest wait for each call to WeChat (502 beyond)"),
-        Option("token_margin", POSITIVE_DURATION, "5m", "refresh an app's access token this long before it expires"),
+        Option("token_margin", POSITIVE_DURATION, "5m", "refresh an app's access token this long before it expires "
+               "(halfway through, for a token that lives less than twice as long)"),
         Option("apps", _apps, {}, "one `[providers.wechat.apps.<name>]` table per mini-program, "
                "with `appid` and `secret` (or `secret_env`); none = provider off"),
     ]
@@ -172,7 +173,8 @@ class WeChatProvider(Provider):
         if problems:
             raise ConfigError(problems)
         self.http: tornado.httpclient.AsyncHTTPClient | None = None
-        self._refreshing: dict[str, asyncio.Task[str]] = {}
+        #: refreshes in flight, by (appid, the token they replace)
+        self._refreshing: dict[tuple[str, str | None], asyncio.Task[str]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -290,12 +292,12 @@ class WeChatProvider(Provider):
             raise self._bad_gateway("code2Session", "the session_key is not base64 of 16 bytes")
         if not (isinstance(unionid, str) and unionid):
             unionid = None
-        user, created = await self.resolve_user(app, openid, unionid)
         # WeChat replaces the session_key at every wx.login: remember which
         # login holds the current one, so an older session's key is known stale.
         key_id = secrets.token_urlsafe(12)
         await self.gateway.session_store.set_value(self._key_marker(app.appid, openid), key_id,
                                                    self.gateway.config.sessions.absolute_timeout)
+        user, created = await self.resolve_user(app, openid, unionid)
         data = {"app": app.name, "appid": app.appid, "openid": openid, "key_id": key_id,
                 "session_key": self.gateway.sealer.seal(key, self._context(app.appid, openid, key_id))}
         return LoginResult(user=user, session_data=data, created=created)
@@ -383,11 +385,15 @@ class WeChatProvider(Provider):
         cached = await store.get_value(f"wechat:token:{app.appid}")
         if cached and cached != rejected:
             return cached
-        task = self._refreshing.get(app.appid)
+        # Callers replacing the same token (or none) share one refresh; one
+        # that holds a rejected token never joins a refresh that might hand
+        # that very token back without forcing a new one.
+        flight = (app.appid, rejected)
+        task = self._refreshing.get(flight)
         if task is None:
             task = asyncio.ensure_future(self._refresh(app, rejected))
-            self._refreshing[app.appid] = task
-            task.add_done_callback(lambda _: self._refreshing.pop(app.appid, None))
+            self._refreshing[flight] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(flight, None))
         return await asyncio.shield(task)
 
     async def _refresh(self, app: App, rejected: str | None) -> str:
@@ -396,9 +402,10 @@ class WeChatProvider(Provider):
         store = self.gateway.session_store
         key, lock = f"wechat:token:{app.appid}", f"wechat:token-lock:{app.appid}"
         owner = secrets.token_hex(8)
-        deadline = time.monotonic() + 2 * self.settings.timeout + 1
+        hold = 2 * self.settings.timeout + 1  # at most two calls to WeChat under the lock
+        deadline = time.monotonic() + hold + self.settings.timeout
         while time.monotonic() < deadline:
-            if await store.add_value(lock, owner, self.settings.timeout + 1):
+            if await store.add_value(lock, owner, hold):
                 try:
                     cached = await store.get_value(key)
                     if cached and cached != rejected:
@@ -415,7 +422,7 @@ class WeChatProvider(Provider):
             cached = await store.get_value(key)
             if cached and cached != rejected:
                 return cached
-        raise GatewayError("gateway_timeout", "timed out waiting for WeChat's access token",
+        raise GatewayError("bad_gateway", "WeChat's access token could not be obtained in time; try again",
                            log_message=f"WeChat stable_token: no token for app {app.name!r} within the wait")
 
     async def _fetch_token(self, app: App, *, force: bool) -> tuple[str, float]:

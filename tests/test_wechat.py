@@ -260,6 +260,12 @@ async def test_unionid_links_one_user_across_two_apps(start, fake):
     a = await login(gw, fake, app="main", appid=MAIN_APPID, openid="o-main-alice", unionid="u-alice")
     b = await login(gw, fake, app="other", appid=OTHER_APPID, openid="o-other-alice", unionid="u-alice")
     assert a["user"]["id"] == b["user"]["id"]
+    # the identities the spec names: ("wechat", "<appid>:<openid>") per app, ("wechat-unionid", unionid)
+    profiles = gw.gateway.profiles
+    for provider, subject in (("wechat", f"{MAIN_APPID}:o-main-alice"), ("wechat", f"{OTHER_APPID}:o-other-alice"),
+                              ("wechat-unionid", "u-alice")):
+        identity = await profiles.get_identity(provider, subject)
+        assert identity is not None and identity.user_id == a["user"]["id"], (provider, subject, identity)
     # without a shared unionid, another app's user is another user
     c = await login(gw, fake, app="other", appid=OTHER_APPID, openid="o-other-carol")
     assert c["user"]["id"] != a["user"]["id"]
@@ -614,7 +620,7 @@ def test_decrypt_user_data_returns_the_official_sample_object_with_its_watermark
     assert decrypt_user_data(SAMPLE_SESSION_KEY, SAMPLE_IV, SAMPLE_ENCRYPTED) == SAMPLE_PLAINTEXT
 
 
-@pytest.mark.parametrize("case", ["tampered", "truncated", "bad-base64", "short-iv", "bad-key"])
+@pytest.mark.parametrize("case", ["tampered", "truncated", "empty", "bad-base64", "short-iv", "bad-key"])
 def test_decrypt_user_data_raises_invalid_request(case):
     from gateway.errors import GatewayError
     from gateway_plugins.wechat import decrypt_user_data
@@ -626,6 +632,8 @@ def test_decrypt_user_data_raises_invalid_request(case):
         data = base64.b64encode(bytes(raw)).decode()
     elif case == "truncated":
         data = base64.b64encode(bytes(raw[:-5])).decode()
+    elif case == "empty":
+        data = ""
     elif case == "bad-base64":
         data = "this is *not* base64!"
     elif case == "short-iv":
@@ -1150,4 +1158,35 @@ async def test_a_gateway_with_another_encryption_key_cannot_open_the_session_key
     r = await decrypt(gw2, data["token"], session_key, user_data(nickName="x"))
     assert_error(r, 401, "unauthenticated", contains="log in again")
     r = await decrypt(gw1, data["token"], session_key, user_data(nickName="x"))
+    assert r.code == 200, r.body
+
+
+@gen
+async def test_wechat_endpoints_require_a_json_content_type(start, fake):
+    gw = await start()
+    data = await login(gw, fake)
+    code = new_code()
+    fake.add_code(code, appid=MAIN_APPID, openid="o-alice", session_key=new_session_key())
+    for path, payload in ((LOGIN, {"code": code}), (DECRYPT, {"encryptedData": SAMPLE_ENCRYPTED, "iv": SAMPLE_IV}),
+                          (PHONE_PATH, {"code": "pc-1"})):
+        r = await gw.client.request("POST", path, body=json.dumps(payload), token=data["token"],
+                                    headers={"Content-Type": "text/plain"})
+        assert_error(r, 400, "invalid_request", contains="Content-Type")
+    assert fake.count(JSCODE2SESSION) == 1 and fake.count(PHONE) == 0  # only the login above
+
+
+@gen
+async def test_cookie_authenticated_phone_and_decrypt_need_the_csrf_check(start, fake):
+    gw = await start()
+    data = await login(gw, fake)
+    fake.add_phone_code("pc-1")
+    cookie = {"Cookie": f"gw_session={data['token']}"}
+    r = await gw.client.request("POST", PHONE_PATH, json_body={"code": "pc-1"}, headers=cookie)
+    assert_error(r, 403, "csrf")
+    r = await gw.client.request("POST", DECRYPT, json_body={"encryptedData": SAMPLE_ENCRYPTED, "iv": SAMPLE_IV},
+                                headers=cookie)
+    assert_error(r, 403, "csrf")
+    assert fake.count(PHONE) == 0 and fake.count(STABLE_TOKEN) == 0
+    r = await gw.client.request("POST", PHONE_PATH, json_body={"code": "pc-1"},
+                                headers={**cookie, "X-Requested-With": "XMLHttpRequest"})
     assert r.code == 200, r.body
