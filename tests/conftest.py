@@ -315,3 +315,20 @@ def cookie_value(response: tornado.httpclient.HTTPResponse, name: str = "gw_sess
     header = cookie_header(response, name)
     return header.split(";", 1)[0].split("=", 1)[1] if header else None
 
+
+
+def assert_error(r: tornado.httpclient.HTTPResponse, status: int, code: str, *,
+                 contains: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``r`` is the gateway's JSON error: this status and code, a message for
+    people (holding one of ``contains``), no stack trace."""
+    assert r.code == status, (r.code, r.body)
+    assert r.headers.get("Content-Type", "").startswith("application/json"), r.headers.get("Content-Type")
+    assert b"Traceback" not in r.body
+    data = body(r)
+    assert set(data) == {"error", "message"}, data
+    assert data["error"] == code, data
+    assert isinstance(data["message"], str) and data["message"]
+    if contains is not None:
+        words = (contains,) if isinstance(contains, str) else contains
+        assert any(w in data["message"] for w in words), (words, data)
+    return data

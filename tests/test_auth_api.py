@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import base_config, body, cookie_header, cookie_value
+from conftest import assert_error, base_config, body, cookie_header, cookie_value
 
 PASSWORD = "correct horse"
 TOKEN_RE = re.compile(r"^gws_([A-Za-z0-9_\-]+)$")
@@ -73,19 +73,6 @@ def cookie_attrs(header: str) -> dict[str, str]:
         name, _, value = part.strip().partition("=")
         out[name.lower()] = value
     return out
-
-
-def assert_error(r, status: int, code: str, *, contains: str | None = None) -> dict[str, Any]:
-    assert r.code == status, (r.code, r.body)
-    assert r.headers.get("Content-Type", "").startswith("application/json"), r.headers.get("Content-Type")
-    assert b"Traceback" not in r.body
-    data = body(r)
-    assert set(data) == {"error", "message"}, data
-    assert data["error"] == code, data
-    assert isinstance(data["message"], str) and data["message"]
-    if contains is not None:
-        assert contains in data["message"], data
-    return data
 
 
 async def whoami(gw, token: str) -> int:

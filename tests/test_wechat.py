@@ -25,7 +25,7 @@ import pytest
 import tornado.httpclient
 from Crypto.Cipher import AES
 
-from conftest import ROOT, base_config, body, free_port
+from conftest import ROOT, assert_error, base_config, body, free_port
 from fake_wechat import JSCODE2SESSION, PHONE, STABLE_TOKEN, start_fake_wechat
 from gateway.app import Gateway
 from gateway.config import ConfigError, load_config
@@ -121,20 +121,6 @@ def new_session_key() -> str:
 
 def new_code() -> str:
     return f"wxcode-{next(_codes)}-{os.urandom(6).hex()}"
-
-
-def assert_error(r, status: int, code: str, *, contains: str | tuple[str, ...] | None = None) -> dict[str, Any]:
-    assert r.code == status, (r.code, r.body)
-    assert r.headers.get("Content-Type", "").startswith("application/json"), r.headers.get("Content-Type")
-    assert b"Traceback" not in r.body
-    data = body(r)
-    assert set(data) == {"error", "message"}, data
-    assert data["error"] == code, data
-    assert isinstance(data["message"], str) and data["message"]
-    if contains is not None:
-        words = (contains,) if isinstance(contains, str) else contains
-        assert any(w in data["message"] for w in words), (words, data)
-    return data
 
 
 async def login_raw(gw, fake, *, appid: str = MAIN_APPID, openid: str = "o-alice", session_key: str | None = None,
