@@ -116,6 +116,7 @@ class Gateway:
     def _build_providers(self) -> dict[str, Provider]:
         problems: list[str] = []
         providers: dict[str, Provider] = {}
+        offered: set[str] = set()  # names some plugin provides, built or not
         for plugin, cls in self._provider_classes():
             if not (isinstance(cls, type) and issubclass(cls, Provider)):
                 problems.append(f"plugin {plugin!r}: gateway_providers must return Provider subclasses, got {cls!r}")
@@ -126,9 +127,10 @@ class Gateway:
             if cls.name in RESERVED_NAMES:
                 problems.append(f"plugin {plugin!r}: provider name {cls.name!r} is one of the gateway's own endpoints")
                 continue
-            if cls.name in providers:
+            if cls.name in offered:
                 problems.append(f"providers.{cls.name}: two plugins provide {cls.name!r}")
                 continue
+            offered.add(cls.name)
             settings = validate_table(f"providers.{cls.name}", cls.options,
                                       self.config.providers.get(cls.name, {}), problems, self.config.environ)
             try:
@@ -138,7 +140,7 @@ class Gateway:
             except Exception as exc:
                 problems.append(f"providers.{cls.name}: the provider from plugin {plugin!r} failed to start: {exc!r}")
         for name in self.config.providers:
-            if name not in providers:
+            if name not in offered:
                 problems.append(f"providers.{name}: no installed plugin provides {name!r}")
         known = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} | {n for n, _ in self.pm.list_name_plugin()}
         for name in self.config.plugins.disabled:

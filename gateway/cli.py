@@ -124,8 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.port is not None:
             config.server.values["port"] = args.port
         Gateway(config).make_app()  # validate providers and plugin routes before binding or forking
-    except (ConfigError, PluginError) as exc:
-        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+    except Exception as exc:  # a plugin's own bug while the gateway is built, too
+        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)] if isinstance(exc, PluginError) \
+            else [f"the gateway cannot be built: {exc!r}"]
         for problem in problems:
             print(f"config error: {problem}", file=sys.stderr)
         return 2

@@ -381,8 +381,7 @@ class WeChatProvider(Provider):
     async def access_token(self, app: App, rejected: str | None = None) -> str:
         """The app's access token from the shared cache, else fetched once for
         every concurrent caller.  ``rejected``: the token WeChat just refused."""
-        store = self.gateway.session_store
-        cached = await store.get_value(f"wechat:token:{app.appid}")
+        cached = await self._cached_token(app)
         if cached and cached != rejected:
             return cached
         # Callers replacing the same token (or none) share one refresh; one
@@ -396,30 +395,46 @@ class WeChatProvider(Provider):
             task.add_done_callback(lambda _: self._refreshing.pop(flight, None))
         return await asyncio.shield(task)
 
+    @staticmethod
+    def _token_key(app: App) -> str:
+        return f"wechat:token:{app.appid}"
+
+    async def _cached_token(self, app: App) -> str | None:
+        """The shared access token, kept sealed (it is a credential of the
+        app); ``None`` when there is none or it does not open."""
+        sealed = await self.gateway.session_store.get_value(self._token_key(app))
+        if sealed is None:
+            return None
+        try:
+            return self.gateway.sealer.open(sealed, self._token_key(app)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+
     async def _refresh(self, app: App, rejected: str | None) -> str:
         """Fetch a token under a short lock in the shared store, so that one
         process asks WeChat while the others wait for the cached result."""
         store = self.gateway.session_store
-        key, lock = f"wechat:token:{app.appid}", f"wechat:token-lock:{app.appid}"
+        lock = f"wechat:token-lock:{app.appid}"
         owner = secrets.token_hex(8)
         hold = 2 * self.settings.timeout + 1  # at most two calls to WeChat under the lock
         deadline = time.monotonic() + hold + self.settings.timeout
         while time.monotonic() < deadline:
             if await store.add_value(lock, owner, hold):
                 try:
-                    cached = await store.get_value(key)
+                    cached = await self._cached_token(app)
                     if cached and cached != rejected:
                         return cached  # another process refreshed it meanwhile
                     token, expires_in = await self._fetch_token(app, force=False)
                     if token == rejected:  # WeChat handed back the token it refuses
                         token, expires_in = await self._fetch_token(app, force=True)
                     margin = min(self.settings.token_margin, expires_in / 2)
-                    await store.set_value(key, token, max(1.0, expires_in - margin))
+                    await store.set_value(self._token_key(app), self.gateway.sealer.seal(token.encode(), self._token_key(app)),
+                                          max(1.0, expires_in - margin))
                     return token
                 finally:
                     await store.delete_value(lock, expected=owner)
             await asyncio.sleep(0.05)
-            cached = await store.get_value(key)
+            cached = await self._cached_token(app)
             if cached and cached != rejected:
                 return cached
         raise GatewayError("bad_gateway", "WeChat's access token could not be obtained in time; try again",
@@ -445,7 +460,6 @@ class WeChatProvider(Provider):
                 break
             except WeChatError as exc:
                 if exc.errcode in TOKEN_INVALID and attempt == 1:
-                    await self.gateway.session_store.delete_value(f"wechat:token:{app.appid}", expected=token)
                     token = await self.access_token(app, rejected=token)
                     continue
                 raise self.map_error(exc, "getuserphonenumber", (

@@ -12,10 +12,12 @@ import base64
 import pytest
 
 from conftest import base_config, body
+from gateway import hookimpl
 from gateway.app import Gateway
 from gateway.config import ConfigError, load_config
 from gateway.crypto import Sealer, parse_key
 from gateway.plugins import get_plugin_manager
+from gateway.providers import Provider
 from test_plugins import load_recording_plugin
 
 KEY = {"X-Test-Key": "let-me-in"}  # scopes: read, write
@@ -123,3 +125,38 @@ def test_a_switched_off_provider_still_has_its_table_checked(tmp_path):
     with pytest.raises(ConfigError) as info:
         Gateway(config)
     assert any(p.startswith("providers.wechat.timeout:") for p in info.value.problems)
+
+
+def test_a_provider_that_refuses_its_table_is_not_reported_as_missing(tmp_path):
+    config = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")},
+                               "providers": {"wechat": {"apps": {"main": {"appid": "nope", "secret": "s"}}}}},
+                         environ={})
+    with pytest.raises(ConfigError) as info:
+        Gateway(config)
+    assert any(p.startswith("providers.wechat.apps.main.appid:") for p in info.value.problems)
+    assert not any("no installed plugin" in p for p in info.value.problems), info.value.problems
+
+
+class LeakyProvider(Provider):
+    name = "leaky"
+
+    def credential_headers(self, request):
+        raise RuntimeError("bug")
+
+
+class _Leaky:
+    """A provider plugin whose credential_headers has a bug."""
+
+    @hookimpl
+    def gateway_providers(self):
+        return [LeakyProvider]
+
+
+@pytest.mark.gen_test
+async def test_a_failing_credential_headers_fails_closed(make_gateway, upstream, tmp_path, caplog):
+    pm = get_plugin_manager(extra_plugins=[("leaky", _Leaky())])
+    rg = await make_gateway(base_config(upstream.url, tmp_path), pm=pm)
+    r = await rg.client.request("GET", "/public/x", headers={"X-Secret-Credential": "abc"})
+    assert r.code == 500 and body(r)["error"] == "internal"
+    assert upstream.seen == []  # nothing reached the upstream
+    assert any("leaky" in rec.getMessage() and "credential_headers" in rec.getMessage() for rec in caplog.records)

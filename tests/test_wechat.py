@@ -533,6 +533,7 @@ async def test_session_key_is_not_readable_in_redis_and_never_in_a_response(star
         assert session_key.rstrip("=").encode() not in value
         assert raw_key not in value
         assert raw_key.hex().encode() not in value
+        assert b"tok-1" not in value  # the app's access token is kept sealed too
 
 
 def redis_wechat_config(upstream_url: str, tmp_path, redis_url: str, api_base: str, **sessions: Any) -> dict:

@@ -21,6 +21,7 @@ import tornado.iostream
 
 from gateway.errors import GatewayError, invalid_request, not_found, unauthenticated
 from gateway.handlers.base import BaseHandler
+from gateway.plugins import plugin_failure
 from gateway.requestinfo import Principal
 from gateway.routing import Route
 
@@ -144,7 +145,11 @@ class ProxyHandler(BaseHandler):
         connection_listed = {canonical(t.strip()) for v in incoming.get_list("Connection") for t in v.split(",")}
         strip = {canonical(h) for h in (principal.headers_to_strip if principal else ())}
         for provider in self.gateway.providers.values():
-            strip.update(canonical(h) for h in provider.credential_headers(self.request))
+            try:
+                named = provider.credential_headers(self.request)
+            except Exception as exc:  # fail closed: a credential must not slip through
+                raise plugin_failure(f"provider {provider.name}", "credential_headers", exc) from exc
+            strip.update(canonical(h) for h in named)
         out = tornado.httputil.HTTPHeaders()
         cookie_name = self.gateway.config.sessions.cookie_name
         for name, value in incoming.get_all():
