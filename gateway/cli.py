@@ -204,9 +204,14 @@ def _with_profiles(args: argparse.Namespace, work: Callable[[Any], Awaitable[int
     from gateway.profiles import open_profile_store
 
     try:
-        config = load_config(args.config)
+        config, problems = read_config(args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
+        problems = exc.problems
+    # Only the profile store is opened: the rest (a Redis URL or a sealing
+    # key from the environment, say) need not be set to manage keys.
+    problems = [p for p in problems if p.startswith("profiles")]
+    if problems:
+        for problem in problems:
             print(f"config error: {problem}", file=sys.stderr)
         return 2
 

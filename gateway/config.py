@@ -443,6 +443,8 @@ def read_config(
                 problems.append(f"routes[{i}].prefix: {prefix!r} lies under server.auth_prefix {auth_prefix!r}")
         if route.get("auth") == "public" and route.get("scopes"):
             problems.append(f"routes[{i}].scopes: a public route authenticates no one, so it cannot require scopes")
+        if route.get("auth") == "public" and route.get("allow_sessions") is False:
+            problems.append(f"routes[{i}].allow_sessions: a public route authenticates no one, so it cannot refuse sessions")
         if all(route.get(o.name) is not None for o in ROUTE):
             routes.append(route)
     providers = data.get("providers", {})

@@ -14,7 +14,7 @@ _PATTERNS = [
     (re.compile(r"gws_[A-Za-z0-9_\-]+"), "gws_[redacted]"),  # session tokens
     (re.compile(r"gwk_[A-Za-z0-9_\-]+"), "gwk_[redacted]"),  # API keys
     (re.compile(r"(\w+://)[^/@\s:]*:[^/@\s]+@"), r"\1[redacted]@"),  # [user]:password@ in URLs
-    (re.compile(r"(\b(?:password|passwd|pwd|secret|token|access_token|js_code|code|session_key)=)[^&\s;]+", re.I), r"\1[redacted]"),  # in queries
+    (re.compile(r"((?:\w*(?:password|passwd|pwd|secret|token|session_key)|(?<![A-Za-z0-9_])(?:js_)?code)=)[^&\s;]+", re.I), r"\1[redacted]"),  # in queries
 ]
 
 #: Loggers whose records may quote a request: the filter is attached to each.

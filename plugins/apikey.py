@@ -116,9 +116,9 @@ def _bearer_keys(request: tornado.httputil.HTTPServerRequest) -> list[str]:
     """API keys sent as ``Authorization: Bearer gwk_...``."""
     found = []
     for value in request.headers.get_list("Authorization"):
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip().startswith(PREFIX):
-            found.append(token.strip())
+        parts = value.split(None, 1)  # "Bearer", any whitespace, the key
+        if len(parts) == 2 and parts[0].lower() == "bearer" and parts[1].strip().startswith(PREFIX):
+            found.append(parts[1].strip())
     return found
 
 
@@ -182,7 +182,7 @@ class ApiKeyProvider(Provider):
         if cached is not None and now - cached[1] < ttl:
             return cached[0]
         record = await self.gateway.profiles.get_api_key(key_id)  # StoreUnavailable: 503
-        if ttl > 0:
+        if ttl > 0 and record is not None:  # an unknown id is not remembered: it may be created any moment
             self._remember(self._cache, key_id, (record, now))
         return record
 

@@ -29,7 +29,7 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
@@ -37,8 +37,8 @@ import tornado.httpclient
 from Crypto.Cipher import AES
 
 from gateway import hookimpl
-from gateway.config import POSITIVE_DURATION, ConfigError, Option, _http_url, _pattern, validate_table
-from gateway.errors import Conflict, GatewayError, invalid_request, unauthenticated
+from gateway.config import INT, POSITIVE_DURATION, ConfigError, at_least, Option, _http_url, _pattern, validate_table
+from gateway.errors import Conflict, GatewayError, invalid_request, too_many, unauthenticated
 from gateway.handlers.auth import AuthHandler
 from gateway.profiles.base import User
 from gateway.providers import LoginResult, Provider
@@ -53,6 +53,8 @@ PHONE_FIELDS = ("phoneNumber", "purePhoneNumber", "countryCode")
 UNIONID_PROVIDER = "wechat-unionid"
 _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 MAX_ENCRYPTED = 64 * 1024
+MAX_PROFILE_TEXT = 2048
+DECRYPT_WINDOW = 3600.0
 
 # code2Session errcodes (and the phone API's where they mean the same).
 INVALID_CODE = {40029, 40163}
@@ -83,7 +85,7 @@ APP_OPTIONS = [
 class App:
     name: str
     appid: str
-    secret: str
+    secret: str = field(repr=False)
 
 
 class WeChatError(Exception):
@@ -131,6 +133,10 @@ def decrypt_user_data(session_key_b64: str, iv_b64: str, encrypted_b64: str) -> 
         raise invalid_request("encryptedData does not decrypt to JSON") from None
     if not isinstance(value, dict):
         raise invalid_request("encryptedData does not decrypt to a JSON object")
+    try:  # JSON escapes can spell lone surrogates, which no UTF-8 consumer accepts
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid_request("encryptedData holds text that is not valid Unicode") from None
     return value
 
 
@@ -149,6 +155,8 @@ class WeChatProvider(Provider):
         Option("timeout", POSITIVE_DURATION, "5s", "longest wait for each call to WeChat (502 beyond)"),
         Option("token_margin", POSITIVE_DURATION, "5m", "refresh an app's access token this long before it expires "
                "(halfway through, for a token that lives less than twice as long)"),
+        Option("max_decrypt_failures", at_least(INT, 1), 20, "failed /decrypt calls per WeChat user within an "
+               "hour before 429 rate_limited (AES-CBC has no integrity check: this blunts padding-oracle forgery)"),
         Option("apps", _apps, {}, "one `[providers.wechat.apps.<name>]` table per mini-program, "
                "with `appid` and `secret` (or `secret_env`); none = provider off"),
     ]
@@ -251,7 +259,7 @@ class WeChatProvider(Provider):
             code, message = "rate_limited", "WeChat's API quota for this mini-program is used up; try again later"
             headers["Retry-After"] = "60"
         elif exc.errcode == HIGH_RISK:
-            code, message = "forbidden", "WeChat refused this login: the user was judged high-risk"
+            code, message = "forbidden", "WeChat refused: it judged this user high-risk"
         elif exc.errcode == BUSY:
             code, message = "unavailable", "WeChat is busy; try again shortly"
             headers["Retry-After"] = "1"
@@ -368,8 +376,14 @@ class WeChatProvider(Provider):
         return app
 
     async def save_profile(self, user_id: str, value: dict[str, Any], fields: tuple[str, ...]) -> None:
-        update = {k: value[k] for k in fields
-                  if isinstance(value.get(k), (str, int)) and not isinstance(value.get(k), bool)}
+        """Copy ``fields`` into the profile: short strings and small integers
+        only (anything else in client-supplied data is left out)."""
+        def fits(v: Any) -> bool:
+            if isinstance(v, str):
+                return len(v) <= MAX_PROFILE_TEXT
+            return isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**31
+
+        update = {k: value[k] for k in fields if fits(value.get(k))}
         if update:
             try:
                 await self.gateway.profiles.update_profile(user_id, update)
@@ -492,8 +506,19 @@ class DecryptHandler(AuthHandler):
         encrypted = self.field(body, "encryptedData", str, max_length=MAX_ENCRYPTED)
         iv = self.field(body, "iv", str, max_length=64)
         key = await self.provider.session_key(principal)
-        value = decrypt_user_data(base64.b64encode(key).decode(), iv, encrypted)
-        check_watermark(value, app.appid, "decrypted data")
+        # Each failure is counted per WeChat user: the thousands of tries a
+        # padding-oracle forgery needs end in 429 long before they add up.
+        store, data = self.gateway.session_store, principal.session.data  # type: ignore[union-attr]
+        counter = f"wechat:decrypt-fail:{data['appid']}:{data['openid']}"
+        failures, left = await store.peek(counter)
+        if failures >= self.provider.settings.max_decrypt_failures:
+            raise too_many("rate_limited", "too many failed decryptions; try again later", left)
+        try:
+            value = decrypt_user_data(base64.b64encode(key).decode(), iv, encrypted)
+            check_watermark(value, app.appid, "decrypted data")
+        except GatewayError:
+            await store.hit(counter, DECRYPT_WINDOW)
+            raise
         await self.provider.save_profile(principal.user_id, value, PROFILE_FIELDS)
         value.pop("watermark", None)
         self.write_json(value)

@@ -478,3 +478,43 @@ async def test_cli_unavailable_store_is_exit_1(tmp_path):
     config.write_text(f'[profiles]\nstore = "sqlite"\nsqlite_path = {json.dumps(str(blocker / "p.db"))}\n')
     code, out, err = await cli("apikey", "list", "--config", str(config), "--user", "u_x")
     assert code == 1 and "unavailable" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
+# A key beside a session cookie
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_key_sent_beside_a_session_cookie_speaks_for_the_request(make_gateway, upstream, tmp_path):
+    routes = [{"prefix": "/scripts/", "upstream": upstream.url, "allow_sessions": False, "scopes": ["jobs"]},
+              {"prefix": "/api/", "upstream": upstream.url}]
+    setup = await start(make_gateway, upstream, tmp_path, routes=routes)
+    key, key_id = await setup.create_key("--scopes", "jobs")
+    cookie = {"Cookie": f"gw_session={setup.token}"}
+    # the cookie alone is a session, refused on a keys-only route
+    assert (await setup.get("/scripts/run", headers=cookie)).code == 403
+    # with the key too, the key is the caller: a POST needs no CSRF proof
+    r = await setup.rg.client.request("POST", "/scripts/run", body=b"{}", headers={**cookie, "X-API-Key": key})
+    assert r.code == 200, r.body
+    assert upstream.last.header("X-Auth-Provider") == "apikey"
+    assert upstream.last.header("X-Session-Id") is None
+    # a bad key is refused, whatever the cookie says
+    await cli("apikey", "revoke", "--config", setup.config_path, key_id)
+    bad = f"gwk_{'0' * 16}_{'x' * 43}"
+    assert_refused(await setup.get("/api/x", bad, headers=cookie))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_apikey_command_needs_only_the_profile_store(tmp_path):
+    db = tmp_path / "p.db"
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        '[sessions]\nstore = "redis"\nredis_url_env = "UNSET_REDIS_URL"\nencryption_key_env = "UNSET_KEY"\n'
+        f'[profiles]\nsqlite_path = {json.dumps(str(db))}\n')
+    code, out, err = await cli("apikey", "list", "--config", str(config), "--user", "u_nobody")
+    assert "UNSET_REDIS_URL" not in err and "UNSET_KEY" not in err
+    assert code == 1 and "u_nobody" in err  # the store was opened and asked
+    config.write_text(config.read_text() + '[profiles.nope]\n')
+    code, out, err = await cli("apikey", "list", "--config", str(config), "--user", "u_nobody")
+    assert code == 2 and "profiles.nope" in err

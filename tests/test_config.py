@@ -138,6 +138,7 @@ def test_route_defaults_and_values():
     ({"routes": [{**ROUTE, "scopes": ['quote"d']}]}, "routes[0].scopes"),
     ({"routes": [{**ROUTE, "auth": "public", "scopes": ["a"]}]}, "routes[0].scopes"),
     ({"routes": [{**ROUTE, "allow_sessions": "no"}]}, "routes[0].allow_sessions"),
+    ({"routes": [{**ROUTE, "auth": "public", "allow_sessions": False}]}, "routes[0].allow_sessions"),
     ({"sessions": {"encryption_key": "not base64!"}}, "sessions.encryption_key"),
     ({"sessions": {"encryption_key": "c2hvcnQ="}}, "sessions.encryption_key"),
 ])

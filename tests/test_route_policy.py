@@ -160,3 +160,44 @@ async def test_a_failing_credential_headers_fails_closed(make_gateway, upstream,
     assert r.code == 500 and body(r)["error"] == "internal"
     assert upstream.seen == []  # nothing reached the upstream
     assert any("leaky" in rec.getMessage() and "credential_headers" in rec.getMessage() for rec in caplog.records)
+
+
+@pytest.mark.parametrize("line, secret", [
+    ("GET /x?client_secret=s1&a=1", "s1"),
+    ("GET /x?refresh_token=s2", "s2"),
+    ("GET /x?id_token=s3&api_token=s4", "s3"),
+    ("POST /x new_password=s5", "s5"),
+    ("GET /sns/jscode2session?appid=wx1&secret=s6&js_code=s7", "s7"),
+    ("GET /cb?code=s8&state=1", "s8"),
+    ("access_token=s9", "s9"),
+    ("Authorization: Bearer gws_abcDEF-123_x", "abcDEF"),
+    ("X-API-Key: gwk_0123456789abcdef_sec-ret_value", "sec-ret"),
+    ("redis://user:pa55word@host:6379/0", "pa55word"),
+])
+def test_log_lines_lose_their_secrets(line, secret):
+    from gateway.logs import redact
+
+    assert secret not in redact(line)
+
+
+def test_redaction_leaves_error_codes_alone():
+    from gateway.logs import redact
+
+    assert redact("WeChat code2Session: errcode=40029 errmsg=invalid") == "WeChat code2Session: errcode=40029 errmsg=invalid"
+
+
+@pytest.mark.gen_test
+async def test_api_keys_never_reach_an_upstream_even_with_the_apikey_plugin_off(make_gateway, upstream, tmp_path):
+    config = base_config(upstream.url, tmp_path, plugins={"disabled": ["apikey"]})
+    rg = await make_gateway(config)
+    for headers in ({"X-API-Key": "gwk_0123456789abcdef_secret"},
+                    {"Authorization": "Bearer\tgwk_0123456789abcdef_secret"},
+                    {"X-API-Key": "their-own-key", "Authorization": "Basic dXNlcjpwYXNz"}):
+        r = await rg.client.request("GET", "/public/x", headers=headers)
+        assert r.code == 200
+        seen = upstream.last
+        if "gwk_" in str(headers):
+            assert seen.header("X-API-Key") is None and seen.header("Authorization") is None
+        else:  # an upstream's own credentials are its business
+            assert seen.header("X-API-Key") == "their-own-key"
+            assert seen.header("Authorization") == "Basic dXNlcjpwYXNz"

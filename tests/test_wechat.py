@@ -1177,3 +1177,62 @@ async def test_cookie_authenticated_phone_and_decrypt_need_the_csrf_check(start,
     r = await gw.client.request("POST", PHONE_PATH, json_body={"code": "pc-1"},
                                 headers={**cookie, "X-Requested-With": "XMLHttpRequest"})
     assert r.code == 200, r.body
+
+
+# ---------------------------------------------------------------------------
+# decrypt: what a client controls is treated as such
+# ---------------------------------------------------------------------------
+
+
+@gen
+async def test_failed_decryptions_are_limited_per_wechat_user(start, fake):
+    # AES-CBC carries no integrity check and the padding verdict is visible,
+    # so forging data takes thousands of tries: they end in 429.
+    gw = await start(max_decrypt_failures=3)
+    session_key = new_session_key()
+    data = await login(gw, fake, openid="o-limited", session_key=session_key)
+    for _ in range(3):
+        r = await decrypt(gw, data["token"], session_key, b"x" * 16, pad=False)
+        assert_error(r, 400, "invalid_request")
+    r = await decrypt(gw, data["token"], session_key, user_data(nickName="ok"))
+    assert_error(r, 429, "rate_limited")
+    assert int(r.headers["Retry-After"]) > 3000  # the hour's window
+    # the limit follows the WeChat user into a new session, not just this one
+    again = await login(gw, fake, openid="o-limited", session_key=session_key)
+    assert_error(await decrypt(gw, again["token"], session_key, user_data(nickName="ok")), 429, "rate_limited")
+    # and nobody else's
+    other_key = new_session_key()
+    other = await login(gw, fake, openid="o-other", session_key=other_key)
+    assert (await decrypt(gw, other["token"], other_key, user_data(nickName="ok"))).code == 200
+
+
+@gen
+async def test_successful_decryptions_are_not_limited(start, fake):
+    gw = await start(max_decrypt_failures=2)
+    session_key = new_session_key()
+    data = await login(gw, fake, session_key=session_key)
+    for i in range(5):
+        assert (await decrypt(gw, data["token"], session_key, user_data(nickName=f"n{i}"))).code == 200
+
+
+@gen
+async def test_lone_surrogates_and_oversized_values_in_decrypted_data(start, fake):
+    gw = await start()
+    session_key = new_session_key()
+    data = await login(gw, fake, session_key=session_key)
+    lone = b'{"nickName":"\\ud800","watermark":{"appid":"%s"}}' % MAIN_APPID.encode()
+    r = await decrypt(gw, data["token"], session_key, lone)
+    assert_error(r, 400, "invalid_request", contains="Unicode")
+    r = await decrypt(gw, data["token"], session_key,
+                      user_data(nickName="ok", gender=2**70, city="c" * 5000, country=["CN"]))
+    assert r.code == 200, r.body
+    assert body(r)["gender"] == 2**70  # returned as decrypted...
+    profile = await profile_of(gw, data["token"])
+    assert profile.get("nickName") == "ok"
+    assert not {"gender", "city", "country"} & set(profile)  # ...but only sane values are saved
+
+
+def test_the_app_secret_stays_out_of_reprs():
+    from gateway_plugins.wechat import App
+
+    assert "s3cret" not in repr(App("main", MAIN_APPID, "s3cret"))

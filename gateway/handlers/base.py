@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import tornado.web
 
 from gateway.errors import GatewayError, error_body_for_status, invalid_request, unauthenticated
+from gateway.plugins import plugin_failure
 from gateway.requestinfo import Principal
 from gateway.sessions.manager import SupersededToken
 
@@ -270,13 +271,34 @@ class BaseHandler(tornado.web.RequestHandler):
             return cookie
         return None
 
+    def credential_headers(self) -> list[str]:
+        """The request headers that carry a provider's credential (an API
+        key, say), as the enabled providers name them."""
+        cached = getattr(self, "_credential_headers", None)
+        if cached is None:
+            cached = []
+            for provider in self.gateway.providers.values():
+                try:
+                    cached.extend(provider.credential_headers(self.request))
+                except Exception as exc:  # fail closed: a credential must not slip through
+                    raise plugin_failure(f"provider {provider.name}", "credential_headers", exc) from exc
+            self._credential_headers = cached
+        return cached
+
     async def get_principal(self, *, allow_superseded: bool = True) -> Principal | None:
         """Who is calling: a session, else whatever a plugin's
-        ``gateway_authenticate`` says.  Store outages raise 503."""
+        ``gateway_authenticate`` says.  A credential sent explicitly beside a
+        session cookie (an API key from a browser tool) speaks for the
+        request, and is refused if it is bad.  Store outages raise 503."""
         if self._principal_resolved:
             return self._principal
         token = self.session_token()
         principal = None
+        if token and self._token_source == "cookie" and self.credential_headers():
+            principal = await self.gateway.authenticate_request(self.request)
+            if principal is not None:
+                self._principal, self._principal_resolved = principal, True
+                return principal
         if token:
             try:
                 session = await self.gateway.sessions.authenticate(token, ip=self.client_ip, allow_superseded=allow_superseded)

@@ -21,7 +21,6 @@ import tornado.iostream
 
 from gateway.errors import GatewayError, invalid_request, not_found, unauthenticated
 from gateway.handlers.base import BaseHandler
-from gateway.plugins import plugin_failure
 from gateway.requestinfo import Principal
 from gateway.routing import Route
 
@@ -144,12 +143,7 @@ class ProxyHandler(BaseHandler):
         incoming = self.request.headers
         connection_listed = {canonical(t.strip()) for v in incoming.get_list("Connection") for t in v.split(",")}
         strip = {canonical(h) for h in (principal.headers_to_strip if principal else ())}
-        for provider in self.gateway.providers.values():
-            try:
-                named = provider.credential_headers(self.request)
-            except Exception as exc:  # fail closed: a credential must not slip through
-                raise plugin_failure(f"provider {provider.name}", "credential_headers", exc) from exc
-            strip.update(canonical(h) for h in named)
+        strip.update(canonical(h) for h in self.credential_headers())
         out = tornado.httputil.HTTPHeaders()
         cookie_name = self.gateway.config.sessions.cookie_name
         for name, value in incoming.get_all():
@@ -158,8 +152,8 @@ class ProxyHandler(BaseHandler):
                 continue
             if (key in CLIENT_FACTS or key.startswith("x-forwarded-")) and not self.peer_is_trusted:
                 continue
-            if key == "authorization" and "gws_" in value:
-                continue
+            if key in ("authorization", "x-api-key") and ("gws_" in value or "gwk_" in value):
+                continue  # the gateway's own credentials, whichever plugins are loaded
             if key == "cookie":
                 value = _without_cookie(value, cookie_name)
                 if not value:
