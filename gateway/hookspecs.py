@@ -61,7 +61,10 @@ def gateway_authenticate(
 
     Called when the request presents no live gateway session: no token, or a
     stale cookie (a request with a stale *Bearer* gateway token is not offered
-    to plugins).  Return a
+    to plugins); and first, before the session, when a provider's
+    ``credential_headers`` names a header of this request that also carries
+    a session cookie (the explicit credential speaks for the request).
+    Return a
     :class:`gateway.requestinfo.Principal` to accept it, ``None`` to pass, or
     raise :class:`gateway.errors.GatewayError` to refuse it.  Stops at the
     first non-``None`` result.

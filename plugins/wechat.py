@@ -345,9 +345,9 @@ class WeChatProvider(Provider):
             # first login: join the accounts now.
             try:
                 await profiles.link_identity(user.id, UNIONID_PROVIDER, unionid)
-                await profiles.update_identity_data(self.name, subject, {"unionid": unionid})
             except Conflict:
                 log.warning("wechat: a unionid already belongs to another user; the accounts stay apart")
+            await profiles.update_identity_data(self.name, subject, {"unionid": unionid})
         return user, created
 
     # -- the session's own WeChat data ----------------------------------------------------

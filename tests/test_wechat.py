@@ -1236,3 +1236,16 @@ def test_the_app_secret_stays_out_of_reprs():
     from gateway_plugins.wechat import App
 
     assert "s3cret" not in repr(App("main", MAIN_APPID, "s3cret"))
+
+
+@gen
+async def test_a_unionid_already_joined_elsewhere_leaves_the_accounts_apart_and_says_so_once(start, fake, caplog):
+    gw = await start(apps=TWO_APPS)
+    first = await login(gw, fake, app="main", openid="o-early")  # before the app was bound: no unionid
+    other = await login(gw, fake, app="other", appid=OTHER_APPID, openid="o-other", unionid="un-shared")
+    caplog.set_level("WARNING", logger="gateway.wechat")
+    again = await login(gw, fake, app="main", openid="o-early", unionid="un-shared")
+    assert again["user"]["id"] == first["user"]["id"] != other["user"]["id"]
+    assert sum("unionid" in r.getMessage() for r in caplog.records) == 1
+    await login(gw, fake, app="main", openid="o-early", unionid="un-shared")
+    assert sum("unionid" in r.getMessage() for r in caplog.records) == 1  # not repeated at every login
