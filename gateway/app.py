@@ -148,6 +148,10 @@ class Gateway:
                 problems.append(f"plugins.disabled: no installed plugin is named {name!r}")
         if problems:
             raise ConfigError(problems)
+        #: headers only providers set upstream (a switched-off one's too: an
+        #: upstream may still trust them), dropped from every incoming request
+        self.reserved_headers = frozenset(h.lower().replace("_", "-") for p in providers.values()
+                                          for h in p.reserved_headers)
         return {name: p for name, p in providers.items() if p.enabled}
 
     async def start(self) -> None:

@@ -49,6 +49,10 @@ class Provider:
     #: serve ``POST {auth_prefix}/<name>/login`` (False for a provider that
     #: only authenticates requests, through ``gateway_authenticate``).
     login_route: ClassVar[bool] = True
+    #: request headers this provider sets upstream (through
+    #: ``gateway_upstream_headers``), such as ``X-WeChat-OpenId``: any
+    #: variant a client sends is dropped on every route, so none is forged.
+    reserved_headers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, gateway: "Gateway", settings: Section) -> None:
         self.gateway = gateway

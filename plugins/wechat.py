@@ -150,6 +150,9 @@ def check_watermark(value: dict[str, Any], appid: str, what: str) -> None:
 
 class WeChatProvider(Provider):
     name = "wechat"
+    #: sent upstream with a WeChat session (a backend needs the openid for
+    #: WeChat Pay or subscription messages); never taken from a client
+    reserved_headers = ("X-WeChat-AppId", "X-WeChat-OpenId", "X-WeChat-UnionId")
     options = [
         Option("api_base", _http_url, "https://api.weixin.qq.com", "base URL of WeChat's server API"),
         Option("timeout", POSITIVE_DURATION, "5s", "longest wait for each call to WeChat (502 beyond)"),
@@ -306,7 +309,7 @@ class WeChatProvider(Provider):
         await self.gateway.session_store.set_value(self._key_marker(app.appid, openid), key_id,
                                                    self.gateway.config.sessions.absolute_timeout)
         user, created = await self.resolve_user(app, openid, unionid)
-        data = {"app": app.name, "appid": app.appid, "openid": openid, "key_id": key_id,
+        data = {"app": app.name, "appid": app.appid, "openid": openid, "unionid": unionid, "key_id": key_id,
                 "session_key": self.gateway.sealer.seal(key, self._context(app.appid, openid, key_id))}
         return LoginResult(user=user, session_data=data, created=created)
 
@@ -541,3 +544,16 @@ class PhoneHandler(AuthHandler):
 @hookimpl
 def gateway_providers() -> list[type[Provider]]:
     return [WeChatProvider]
+
+
+@hookimpl
+def gateway_upstream_headers(principal: Principal | None) -> dict[str, str] | None:
+    """A WeChat session's app, openid and unionid, for the upstream."""
+    session = principal.session if principal is not None else None
+    if session is None or session.provider != WeChatProvider.name:
+        return None
+    data = session.data
+    headers = {"X-WeChat-AppId": data.get("appid", ""), "X-WeChat-OpenId": data.get("openid", "")}
+    if data.get("unionid"):
+        headers["X-WeChat-UnionId"] = data["unionid"]
+    return headers

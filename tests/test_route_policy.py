@@ -201,3 +201,12 @@ async def test_api_keys_never_reach_an_upstream_even_with_the_apikey_plugin_off(
         else:  # an upstream's own credentials are its business
             assert seen.header("X-API-Key") == "their-own-key"
             assert seen.header("Authorization") == "Basic dXNlcjpwYXNz"
+
+
+@pytest.mark.gen_test
+async def test_a_switched_off_providers_reserved_headers_are_still_dropped(gw, upstream):
+    # WeChat is installed but off here; an upstream may still trust its headers.
+    assert "wechat" not in gw.gateway.providers
+    r = await gw.client.request("GET", "/public/x", headers={"X-WeChat-OpenId": "o-forged", "X_WeChat_AppId": "wx"})
+    assert r.code == 200
+    assert not {n for n in upstream.last.names() if "wechat" in n.lower().replace("_", "-")}

@@ -1249,3 +1249,33 @@ async def test_a_unionid_already_joined_elsewhere_leaves_the_accounts_apart_and_
     assert sum("unionid" in r.getMessage() for r in caplog.records) == 1
     await login(gw, fake, app="main", openid="o-early", unionid="un-shared")
     assert sum("unionid" in r.getMessage() for r in caplog.records) == 1  # not repeated at every login
+
+
+# ---------------------------------------------------------------------------
+# What the upstream learns of a WeChat user
+# ---------------------------------------------------------------------------
+
+
+@gen
+async def test_upstream_gets_the_openid_of_a_wechat_session_and_nobody_can_forge_it(start, fake, upstream):
+    gw = await start()
+    data = await login(gw, fake, openid="o-pay", unionid="un-pay")
+    forged = {"X-WeChat-OpenId": "o-victim", "X_WeChat_OpenId": "o-victim", "x-wechat-unionid": "un-victim"}
+    r = await gw.client.request("GET", "/api/pay", token=data["token"], headers=forged)
+    assert r.code == 200
+    seen = upstream.last
+    assert seen.header("X-WeChat-AppId") == MAIN_APPID
+    assert seen.header("X-WeChat-OpenId") == "o-pay"
+    assert seen.header("X-WeChat-UnionId") == "un-pay"
+    assert "o-victim" not in str(seen.headers) and "un-victim" not in str(seen.headers)
+    # another provider's session, and an anonymous request, carry none of them
+    password = await gw.client.register("bob")
+    for token, path in ((password["token"], "/api/pay"), (None, "/public/pay")):
+        r = await gw.client.request("GET", path, token=token, headers=forged)
+        assert r.code == 200
+        assert not {n for n in upstream.last.names() if "wechat" in n.lower().replace("_", "-")}
+    # without a unionid there is no such header
+    plain = await login(gw, fake, openid="o-plain")
+    await gw.client.request("GET", "/api/x", token=plain["token"])
+    assert upstream.last.header("X-WeChat-OpenId") == "o-plain"
+    assert upstream.last.header("X-WeChat-UnionId") is None

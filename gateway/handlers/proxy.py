@@ -144,6 +144,7 @@ class ProxyHandler(BaseHandler):
         connection_listed = {canonical(t.strip()) for v in incoming.get_list("Connection") for t in v.split(",")}
         strip = {canonical(h) for h in (principal.headers_to_strip if principal else ())}
         strip.update(canonical(h) for h in self.credential_headers())
+        strip.update(self.gateway.reserved_headers)
         out = tornado.httputil.HTTPHeaders()
         cookie_name = self.gateway.config.sessions.cookie_name
         for name, value in incoming.get_all():
