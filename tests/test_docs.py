@@ -4,7 +4,9 @@ import pytest
 
 from conftest import ROOT
 from gateway.config import describe_options, reference_table
+from gateway_plugins.apikey import ApiKeyProvider
 from gateway_plugins.password import PasswordProvider
+from gateway_plugins.wechat import APP_OPTIONS, WeChatProvider
 
 README = (ROOT / "README.md").read_text()
 
@@ -14,8 +16,14 @@ def test_readme_documents_every_core_option(table):
     assert f"### {table}\n\n{describe_options()[table]}\n" in README
 
 
-def test_readme_documents_the_password_provider_options():
-    assert f"### [providers.password]\n\n{reference_table(PasswordProvider.options)}\n" in README
+@pytest.mark.parametrize("table, options", [
+    ("[providers.password]", PasswordProvider.options),
+    ("[providers.wechat]", WeChatProvider.options),
+    ("[providers.wechat.apps.<name>]", APP_OPTIONS),
+    ("[providers.apikey]", ApiKeyProvider.options),
+])
+def test_readme_documents_every_builtin_provider_option(table, options):
+    assert f"### {table}\n\n{reference_table(options)}\n" in README
 
 
 def test_readme_names_the_two_setup_commands():
