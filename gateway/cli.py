@@ -304,34 +304,41 @@ def cmd_apikey_revoke(args: argparse.Namespace) -> int:
     return _with_profiles(args, work)
 
 
+def config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config PATH``, which ``GATEWAY_CONFIG`` may stand in for."""
+    default = os.environ.get("GATEWAY_CONFIG") or None
+    parser.add_argument("--config", default=default, required=default is None,
+                        help="TOML configuration file (default: $GATEWAY_CONFIG)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description="Session gateway")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", required=True, help="TOML configuration file")
+    config_option(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port (0 = any free port)")
     serve.add_argument("--demo-upstream", metavar="HOST:PORT", help="also serve a demo echo upstream here")
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="validate a configuration file; exit 2 listing every problem")
-    check.add_argument("--config", required=True, help="TOML configuration file")
+    config_option(check)
     check.set_defaults(func=cmd_check_config)
     apikey = sub.add_parser("apikey", help="create, list and revoke API keys (uses the profile store only)")
     keys = apikey.add_subparsers(dest="apikey_command", required=True)
     create = keys.add_parser("create", help="make a key for a user and print it (once)")
-    create.add_argument("--config", required=True, help="TOML configuration file")
+    config_option(create)
     create.add_argument("--user", required=True, help="the owner's user id (u_...)")
     create.add_argument("--name", required=True, help="what the key is for")
     create.add_argument("--scopes", default="", help="comma-separated scopes, e.g. orders:read,orders:write")
     create.add_argument("--expires", type=_expires, help="lifetime, e.g. 90d (default: never expires)")
     create.set_defaults(func=cmd_apikey_create)
     listing = keys.add_parser("list", help="list a user's keys (never their secrets)")
-    listing.add_argument("--config", required=True, help="TOML configuration file")
+    config_option(listing)
     listing.add_argument("--user", required=True, help="the owner's user id (u_...)")
     listing.set_defaults(func=cmd_apikey_list)
     revoke = keys.add_parser("revoke", help="revoke a key by id (takes effect within providers.apikey.cache_ttl)")
-    revoke.add_argument("--config", required=True, help="TOML configuration file")
+    config_option(revoke)
     revoke.add_argument("id", help="the key id (the 16 hex digits after gwk_)")
     revoke.set_defaults(func=cmd_apikey_revoke)
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -518,3 +519,26 @@ async def test_the_apikey_command_needs_only_the_profile_store(tmp_path):
     config.write_text(config.read_text() + '[profiles.nope]\n')
     code, out, err = await cli("apikey", "list", "--config", str(config), "--user", "u_nobody")
     assert code == 2 and "profiles.nope" in err
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_apikey_commands_read_the_configuration_path_from_the_environment(make_gateway, upstream, tmp_path):
+    setup = await start(make_gateway, upstream, tmp_path)
+    key, key_id = await setup.create_key(name="env bot")
+    env = {**os.environ, "GATEWAY_CONFIG": setup.config_path}
+    for argv in (("list", "--user", setup.user_id), ("revoke", key_id)):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "apikey", *argv, cwd=str(ROOT), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err
+        if argv[0] == "list":
+            assert key_id in out.decode() and key not in out.decode()
+    assert (await setup.stored(key_id)).revoked_at is not None
+    # without either, the command says what it needs
+    env.pop("GATEWAY_CONFIG")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "apikey", "list", "--user", setup.user_id, cwd=str(ROOT), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2 and b"--config" in err
