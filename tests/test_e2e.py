@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import os
 import signal
 import socket
@@ -258,3 +259,94 @@ async def test_sigterm_lets_requests_in_flight_finish(tmp_path, redis_url, upstr
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "1 request(s) in flight" in err
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_two_workers_share_wechat_sessions_one_access_token_and_api_key_revocation(tmp_path, redis_url, upstream):
+    """`gateway serve` with two worker processes on one Redis: a WeChat
+    session's sealed session_key opens in either worker, concurrent phone
+    calls across both make one stable_token request, and an API key revoked
+    with the CLI stops working on every worker within cache_ttl."""
+    import base64
+
+    from Crypto.Cipher import AES
+
+    from fake_wechat import STABLE_TOKEN, start_fake_wechat
+
+    fake, fake_server = start_fake_wechat(free_port())
+    fake.add_app("wx4f4bc4dec97d474b", "app-secret-e2e")
+    fake.delays[STABLE_TOKEN] = 0.3  # the callers overlap
+    port = free_port()
+    cfg = tmp_path / "gateway.toml"
+    write_config(cfg, port=port, redis_url=redis_url, upstream_url=upstream.url, db=tmp_path / "p.db")
+    cfg.write_text(cfg.read_text().replace('port = ', 'workers = 2\nport = ', 1)
+                   .replace('cookie_secure = false', 'cookie_secure = false\nencryption_key_env = "GW_SEAL"')
+                   .split("[providers.example]")[0]
+                   + f'\n[providers.wechat]\napi_base = "{fake.url}"\n'
+                   + '[providers.wechat.apps.main]\nappid = "wx4f4bc4dec97d474b"\nsecret_env = "WX_SECRET"\n'
+                   + '[providers.apikey]\ncache_ttl = "1s"\n')
+    env = dict(os.environ, GW_SEAL=base64.b64encode(os.urandom(32)).decode(), WX_SECRET="app-secret-e2e")
+    proc = subprocess.Popen([str(ROOT / "bin" / "gateway"), "serve", "--config", str(cfg)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def fresh() -> Client:  # a new connection: lands on either worker
+        return Client(f"http://127.0.0.1:{port}")
+
+    clients: list[Client] = []
+    try:
+        await wait_listening(proc, port)
+        session_key = base64.b64encode(os.urandom(16)).decode()
+        fake.add_code("code-e2e", appid="wx4f4bc4dec97d474b", openid="o-e2e", session_key=session_key)
+        clients.append(fresh())
+        r = await clients[0].request("POST", "/auth/wechat/login", json_body={"code": "code-e2e"})
+        assert r.code == 200, r.body
+        login = body(r)
+        token, user_id = login["token"], login["user"]["id"]
+
+        plain = json.dumps({"nickName": "E2E", "watermark": {"appid": "wx4f4bc4dec97d474b"}}).encode()
+        plain += bytes([16 - len(plain) % 16]) * (16 - len(plain) % 16)
+        iv = os.urandom(16)
+        encrypted = AES.new(base64.b64decode(session_key), AES.MODE_CBC, iv).encrypt(plain)
+        payload = {"encryptedData": base64.b64encode(encrypted).decode(), "iv": base64.b64encode(iv).decode()}
+        for _ in range(6):
+            clients.append(fresh())
+            r = await clients[-1].request("POST", "/auth/wechat/decrypt", json_body=payload, token=token,
+                                          headers={"Connection": "close"})
+            assert r.code == 200 and body(r)["nickName"] == "E2E", r.body
+
+        for i in range(20):
+            fake.add_phone_code(f"phone-{i}")
+        calls = []
+        for i in range(20):
+            clients.append(fresh())
+            calls.append(clients[-1].request("POST", "/auth/wechat/phone", json_body={"code": f"phone-{i}"},
+                                             token=token, headers={"Connection": "close"}))
+        answers = await asyncio.gather(*calls)
+        assert [a.code for a in answers] == [200] * 20, [a.body for a in answers if a.code != 200]
+        assert fake.count(STABLE_TOKEN) == 1
+
+        created = subprocess.run([str(ROOT / "bin" / "gateway"), "apikey", "create", "--config", str(cfg),
+                                  "--user", user_id, "--name", "e2e"], env=env, capture_output=True, text=True)
+        assert created.returncode == 0, created.stderr
+        key = next(line.split(":", 1)[1].strip() for line in created.stdout.splitlines() if line.startswith("key:"))
+        key_id = next(line.split(":", 1)[1].strip() for line in created.stdout.splitlines() if line.startswith("id:"))
+        for _ in range(6):
+            clients.append(fresh())
+            r = await clients[-1].request("GET", "/api/x", headers={"X-API-Key": key, "Connection": "close"})
+            assert r.code == 200 and upstream.seen[-1].header("X-User-Id") == user_id
+        revoked = subprocess.run([str(ROOT / "bin" / "gateway"), "apikey", "revoke", "--config", str(cfg), key_id],
+                                 env=env, capture_output=True, text=True)
+        assert revoked.returncode == 0, revoked.stderr
+        await asyncio.sleep(1.2)  # cache_ttl, on every worker
+        for _ in range(6):
+            clients.append(fresh())
+            r = await clients[-1].request("GET", "/api/x", headers={"X-API-Key": key, "Connection": "close"})
+            assert r.code == 401, r.body
+    finally:
+        for c in clients:
+            c.close()
+        out, err = stop(proc)
+        fake_server.stop()
+    assert proc.returncode == 0, err
+    for secret in ("app-secret-e2e", session_key, key, env["GW_SEAL"], "code-e2e", "phone-1"):
+        assert secret not in out + err
