@@ -150,7 +150,7 @@ class Gateway:
             raise ConfigError(problems)
         #: headers only providers set upstream (a switched-off one's too: an
         #: upstream may still trust them), dropped from every incoming request
-        self.reserved_headers = frozenset(h.lower().replace("_", "-") for p in providers.values()
+        self.reserved_headers = frozenset(proxy_handlers.canonical(h) for p in providers.values()
                                           for h in p.reserved_headers)
         return {name: p for name, p in providers.items() if p.enabled}
 

@@ -166,13 +166,14 @@ def _encryption_key(value: Any) -> str:
     return value
 
 
-_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,128}$")  # RFC 6749 scope-token
+#: an RFC 6749 scope-token: what route ``scopes`` and API key scopes are made of
+SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,128}$")
 
 
 def _scopes(value: Any) -> list[str]:
     out = _str_list(value)
     for item in out:
-        if not _SCOPE.match(item):
+        if not SCOPE.match(item):
             raise ValueError(f"{item!r} is not a scope (printable ASCII, no spaces, quotes or backslashes)")
     return out
 

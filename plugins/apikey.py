@@ -32,7 +32,7 @@ from typing import Any
 import tornado.httputil
 
 from gateway import hookimpl
-from gateway.config import DURATION, Option
+from gateway.config import DURATION, SCOPE, Option
 from gateway.errors import GatewayError, invalid_credentials
 from gateway.profiles.base import ApiKey, utcnow
 from gateway.providers import Provider
@@ -48,9 +48,6 @@ MAX_SCOPES = 100
 CACHE_SIZE = 10_000
 _ID = re.compile(r"^[0-9a-f]{16}$")
 _SECRET = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
-#: an RFC 6749 scope-token, as in ``[[routes]] scopes`` (they travel
-#: space-separated in X-Auth-Scopes); the CLI takes them comma-separated
-_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,128}$")
 #: compared against when the id is unknown, so that costs what a wrong secret does
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
 
@@ -78,7 +75,7 @@ def check_scopes(scopes: list[str]) -> list[str]:
     if len(scopes) > MAX_SCOPES:
         raise ValueError(f"at most {MAX_SCOPES} scopes")
     for scope in scopes:
-        if not _SCOPE.match(scope):
+        if not SCOPE.match(scope):  # as in [[routes]] scopes (they travel space-separated)
             raise ValueError(f"scope {scope!r} must be 1 to 128 printable ASCII characters "
                              "without spaces, quotes or backslashes")
     return list(dict.fromkeys(scopes))

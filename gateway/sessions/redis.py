@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -243,8 +243,7 @@ class RedisSessionStore(SessionStore):
 
     async def get_value(self, key: str) -> str | None:
         try:
-            value = await self.client.get(f"{self._prefix}v:{key}")
-            return value if value is None or isinstance(value, str) else value.decode()
+            return cast("str | None", await self.client.get(f"{self._prefix}v:{key}"))  # decode_responses
         except RedisError as exc:
             raise self._unavailable(exc) from None
 
