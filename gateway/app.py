@@ -16,7 +16,6 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
-import tornado.httpclient
 import tornado.web
 
 from gateway import __version__
@@ -24,7 +23,9 @@ from gateway.config import Config, ConfigError, validate_table
 from gateway.crypto import Sealer, parse_key
 from gateway.errors import GatewayError
 from gateway.handlers import auth as auth_handlers
-from gateway.handlers import proxy as proxy_handlers
+from gateway import proxy
+from gateway.proxy.policy import canonical
+from gateway.proxy.upstream import UpstreamClient
 from gateway.logs import install_redaction
 from gateway.plugins import (
     ENTRY_POINT_GROUP,
@@ -43,23 +44,9 @@ from gateway.routing import Route, RouteTable
 from gateway.sessions import SessionManager, open_session_store
 
 log = logging.getLogger("gateway.app")
-#: Responses are streamed to the client, so the client library need not cap them.
-MAX_STREAMED = 1 << 40
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
 #: Path segments of the gateway's own endpoints under auth_prefix.
 RESERVED_NAMES = frozenset({"refresh", "logout", "logout-all", "session", "sessions"})
-
-
-def make_http_client(max_clients: int) -> tornado.httpclient.AsyncHTTPClient:
-    """A pooled keep-alive upstream client: Tornado's libcurl client when
-    pycurl is importable, else Tornado's simple client."""
-    try:
-        from tornado.curl_httpclient import CurlAsyncHTTPClient
-
-        return CurlAsyncHTTPClient(force_instance=True, max_clients=max_clients, max_body_size=MAX_STREAMED)
-    except ImportError:  # pragma: no cover - pycurl is a declared dependency
-        log.warning("pycurl is not installed: upstream connections will not be pooled")
-        return tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=max_clients)
 
 
 class Gateway:
@@ -84,9 +71,11 @@ class Gateway:
         #: seals secrets kept in session data; a per-process key when none is configured
         self.sealer = Sealer(parse_key(key)) if key else Sealer.generate()
         self.providers: dict[str, Provider] = self._build_providers()
-        self.http_client: tornado.httpclient.AsyncHTTPClient | None = None
+        self.http_client: UpstreamClient | None = None
         #: requests being handled now (a graceful stop waits for them)
         self.requests_in_flight = 0
+        #: set when a graceful stop begins: responses then carry Connection: close
+        self.draining = False
 
     # -- set-up ---------------------------------------------------------------
 
@@ -150,13 +139,13 @@ class Gateway:
             raise ConfigError(problems)
         #: headers only providers set upstream (a switched-off one's too: an
         #: upstream may still trust them), dropped from every incoming request
-        self.reserved_headers = frozenset(proxy_handlers.canonical(h) for p in providers.values()
+        self.reserved_headers = frozenset(canonical(h) for p in providers.values()
                                           for h in p.reserved_headers)
         return {name: p for name, p in providers.items() if p.enabled}
 
     async def start(self) -> None:
         """Open the stores and set up providers and plugins."""
-        self.http_client = make_http_client(self.config.server.upstream_max_connections)
+        self.http_client = UpstreamClient(self.config.server.upstream_max_connections)
         await self.session_store.open()
         await self.profiles.open()
         for provider in self.providers.values():
@@ -172,14 +161,17 @@ class Gateway:
                 await provider.close()
             except Exception:
                 log.exception("provider %r failed to close", provider.name)
+        watcher = getattr(self, "socket_watcher", None)
+        if watcher is not None:
+            watcher.close_all()
         if self.http_client is not None:
-            self.http_client.close()
+            await self.http_client.close()
             self.http_client = None
         await self.session_store.close()
         await self.profiles.close()
 
     @property
-    def upstream_client(self) -> tornado.httpclient.AsyncHTTPClient:
+    def upstream_client(self) -> UpstreamClient:
         """The pooled client for upstream requests (created by :meth:`start`)."""
         if self.http_client is None:
             raise RuntimeError("Gateway.start() has not been called")
@@ -197,7 +189,7 @@ class Gateway:
             handlers.extend(contributed)
         handlers += auth_handlers.routes(self)
         handlers += auth_handlers.fallback_routes(self)
-        handlers += proxy_handlers.routes(self)
+        handlers += proxy.routes(self)
         return tornado.web.Application(
             handlers, gateway=self, default_handler_class=auth_handlers.AuthNotFoundHandler,
             log_function=self._log_request, compress_response=False, **settings,

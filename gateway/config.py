@@ -178,6 +178,10 @@ def _scopes(value: Any) -> list[str]:
     return out
 
 
+def _optional_size(value: Any) -> int | None:
+    return None if value is None else parse_size(value)
+
+
 def _optional_domain(value: Any) -> str:
     if value == "":
         return value
@@ -268,18 +272,22 @@ SERVER = [
     Option("port", _port, 8080, "port to listen on"),
     Option("workers", at_least(INT, 1), 1, "processes to fork (needs a shared session store when above 1)"),
     Option("auth_prefix", _prefix, "/auth", "path prefix of the gateway's own endpoints"),
-    Option("max_body_size", SIZE, "10MiB", "largest request body accepted (413 beyond)"),
+    Option("max_body_size", SIZE, "10MiB", "default largest request body of a proxied route (413 beyond; 0 = no limit); a route's own max_body_size overrides it"),
+    Option("auth_max_body_size", at_least(SIZE, 1), "64KiB", "largest request body of the gateway's own JSON endpoints (413 beyond)"),
     Option("trusted_proxies", _networks, [], "peers (IPs or CIDRs) whose X-Forwarded-For/-Proto/-Host and other client-address headers are believed and passed on"),
-    Option("upstream_max_connections", at_least(INT, 1), 100, "concurrent upstream requests (pooled keep-alive connections)"),
+    Option("upstream_max_connections", at_least(INT, 1), 100, "connections to each upstream (pooled, kept alive); a request waiting longer than its route's connect_timeout for one gets 503"),
     Option("idle_connection_timeout", POSITIVE_DURATION, "60s", "a client connection idle this long between requests is closed"),
     Option("body_timeout", POSITIVE_DURATION, "120s", "longest time a client may take to send a request body"),
     Option("shutdown_timeout", DURATION, "10s", "on SIGTERM, how long requests in flight may take to finish"),
+    Option("event_loop", _choice("asyncio", "uvloop"), "asyncio", "the event loop: asyncio, or uvloop (needs the uvloop package)"),
 ]
 
 SESSIONS = [
     Option("store", _choice("memory", "redis"), "memory", "memory (one process only) or redis"),
     Option("redis_url", _redis_url, "redis://127.0.0.1:6379/0", "Redis URL (redis://, rediss://, unix://)", secret=True),
     Option("redis_timeout", POSITIVE_DURATION, "0.5s", "socket connect/read timeout for Redis; one retry"),
+    Option("redis_max_connections", at_least(INT, 1), 1000, "connections to Redis per process; a request beyond them waits for a free one"),
+    Option("redis_pool_timeout", POSITIVE_DURATION, "1s", "longest wait for a free Redis connection (503 unavailable beyond)"),
     Option("idle_timeout", POSITIVE_DURATION, "30m", "a session unused this long ends"),
     Option("absolute_timeout", POSITIVE_DURATION, "7d", "a session ends this long after login, whatever its use"),
     Option("touch_interval", DURATION, "60s", "the idle deadline is pushed forward at most once per interval (shorter than idle_timeout)"),
@@ -312,7 +320,12 @@ ROUTE = [
     Option("auth", _choice("required", "optional", "public"), "required", "required | optional | public"),
     Option("strip_prefix", BOOL, False, "remove the prefix from the path sent upstream"),
     Option("connect_timeout", POSITIVE_DURATION, "5s", "upstream connect timeout (504 beyond)"),
-    Option("request_timeout", POSITIVE_DURATION, "30s", "longest wait for the upstream's response head, or in a stalled body (504)"),
+    Option("request_timeout", POSITIVE_DURATION, "30s", "longest wait for the upstream's response head (504 beyond)"),
+    Option("read_timeout", POSITIVE_DURATION, "60s", "longest silence between body chunks, either way, once a transfer has started (the transfer is cut beyond)"),
+    Option("max_body_size", _optional_size, None, "largest request body (0 = no limit); default server.max_body_size"),
+    Option("websocket", BOOL, False, "proxy Upgrade: websocket requests on this route"),
+    Option("websocket_max_message_size", at_least(SIZE, 1), "1MiB", "largest WebSocket message either way (close 1009 beyond)"),
+    Option("websocket_ping_interval", DURATION, "30s", "ping idle WebSocket clients this often (0 = never)"),
     Option("preserve_host", BOOL, False, "send the client's Host header upstream instead of the upstream's"),
     Option("scopes", _scopes, [], "scopes a caller authenticated by a plugin (an API key) must all hold (403 otherwise)"),
     Option("allow_sessions", BOOL, True, "whether session users (who hold no scopes) may use this route"),
@@ -446,6 +459,8 @@ def read_config(
             problems.append(f"routes[{i}].scopes: a public route authenticates no one, so it cannot require scopes")
         if route.get("auth") == "public" and route.get("allow_sessions") is False:
             problems.append(f"routes[{i}].allow_sessions: a public route authenticates no one, so it cannot refuse sessions")
+        if route.get("max_body_size") is None:
+            route.values["max_body_size"] = sections["server"].get("max_body_size")
         if all(route.get(o.name) is not None for o in ROUTE):
             routes.append(route)
     providers = data.get("providers", {})
@@ -461,6 +476,14 @@ def read_config(
                         "or sessions in use would still go idle")
     if sess.get("cookie_samesite") == "None" and sess.get("cookie_secure") is False:
         problems.append("sessions.cookie_samesite: \"None\" requires sessions.cookie_secure = true (browsers reject it otherwise)")
+    cookie_name = (sess.get("cookie_name") or "").lower()  # browsers match the prefixes in any case
+    for prefix in ("__Host-", "__Secure-"):
+        if cookie_name.startswith(prefix.lower()) and sess.get("cookie_secure") is False:
+            problems.append(f"sessions.cookie_name: a {prefix} cookie requires sessions.cookie_secure = true "
+                            "(browsers refuse it otherwise)")
+    if cookie_name.startswith("__host-") and sess.get("cookie_domain"):
+        problems.append("sessions.cookie_name: a __Host- cookie cannot have a Domain; leave sessions.cookie_domain empty "
+                        "(browsers refuse it otherwise)")
     return Config(routes=routes, providers=providers, path=path, environ=environ, **sections), problems
 
 
@@ -479,7 +502,8 @@ def reference_table(options: Iterable[Option]) -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for o in options:
         meaning = o.help + (f" (or `{o.name}_env`)" if o.secret else "")
-        rows.append(f"| `{o.name}` | `{_toml_value(o.default)}` | {meaning} |")
+        default = "(required)" if o.required else "(unset)" if o.default is None else _toml_value(o.default)
+        rows.append(f"| `{o.name}` | `{default}` | {meaning} |")
     return "\n".join(rows)
 
 

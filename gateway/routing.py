@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -22,6 +23,12 @@ class Route:
     preserve_host: bool = False
     scopes: tuple[str, ...] = ()
     allow_sessions: bool = True
+    read_timeout: float = 60.0
+    #: bytes; 0 = no limit
+    max_body_size: int = 10 << 20
+    websocket: bool = False
+    websocket_max_message_size: int = 1 << 20
+    websocket_ping_interval: float = 30.0
 
     @classmethod
     def from_section(cls, section: Section) -> "Route":
@@ -30,9 +37,9 @@ class Route:
         return cls(**values)
 
     def matches(self, path: str, fold_case: bool = False) -> bool:
-        prefix = self.prefix.lower() if fold_case else self.prefix
-        if fold_case:
-            path = path.lower()
+        """Does ``path`` lie under this route (``fold_case``: ``path`` is
+        already folded, compare with the folded prefix)?"""
+        prefix = fold(self.prefix) if fold_case else self.prefix
         if prefix.endswith("/"):
             return path.startswith(prefix) or path == prefix[:-1]
         return path == prefix or path.startswith(prefix + "/")
@@ -59,11 +66,19 @@ class Route:
 class RouteTable:
     def __init__(self, routes: list[Route]) -> None:
         self.routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        self._folded = sorted(routes, key=lambda r: len(fold(r.prefix)), reverse=True)
 
     def match(self, path: str, fold_case: bool = False) -> Route | None:
-        """The longest-prefix route for ``path`` (``fold_case``: as a
-        case-insensitive upstream would read it)."""
-        for route in self.routes:
+        """The longest-prefix route for ``path`` (``fold_case``: ``path`` as
+        a case-insensitive upstream would read it, see :func:`fold`)."""
+        for route in (self._folded if fold_case else self.routes):
             if route.matches(path, fold_case):
                 return route
         return None
+
+
+def fold(text: str) -> str:
+    """Text as the least strict upstream could read its letters: NFKC
+    compatibility forms (fullwidth letters) and Unicode case folding (``ſ``
+    is ``s``)."""
+    return unicodedata.normalize("NFKC", text).casefold()

@@ -25,7 +25,7 @@ import tornado.web
 import gateway
 from gateway.plugins import get_plugin_manager
 
-from conftest import RecordingHandler, Upstream, base_config, body, free_port
+from conftest import RecordingHandler, Upstream, assert_error, base_config, body, free_port
 
 IDENTITY = {"x-user-id", "x-auth-provider", "x-session-id", "x-auth-scopes"}
 LEAK_MARKERS = ("Traceback", "Error(", "HTTPClientError", "CurlError", "HTTPTimeoutError", "StreamClosedError",
@@ -284,8 +284,9 @@ async def test_chunked_request_body_forwarded(gw, upstream):
     assert status == 200, data
     assert upstream.last.method == "POST"
     assert upstream.last.body == b"hello, world"
-    assert upstream.last.header("Content-Length") == "12"
-    assert upstream.last.header("Transfer-Encoding") is None
+    # Streamed as it arrives: the upstream gets it chunked, as it was sent.
+    assert upstream.last.header("Content-Length") is None
+    assert upstream.last.header("Transfer-Encoding") == "chunked"
 
 
 @pytest.mark.gen_test
@@ -587,9 +588,11 @@ async def test_optional_route(gw, upstream):
     r = await gw.client.request("GET", "/opt/x")
     assert r.code == 200
     assert identity_headers(upstream.last) == []
+    seen = len(upstream.seen)
+    # A credential that opens no session is refused, not forwarded anonymously.
     r = await gw.client.request("GET", "/opt/x", headers={"Authorization": "Bearer gws_invalid"})
-    assert r.code == 200
-    assert identity_headers(upstream.last) == []
+    assert_error(r, 401, "unauthenticated")
+    assert len(upstream.seen) == seen
     who = await login(gw)
     r = await gw.client.request("GET", "/opt/x", token=who["token"])
     assert r.code == 200
@@ -951,9 +954,10 @@ async def test_client_facts_pass_only_from_trusted_proxies(make_gateway, upstrea
 async def test_a_gateway_token_is_never_forwarded_whatever_the_separator(gw, upstream):
     reg = await gw.client.register()
     for value in (f"Bearer\t{reg['token']}", f"bearer  {reg['token']}", f"Token {reg['token']}"):
-        await raw_request(gw.port, raw("GET", "/opt/x", [("Authorization", value)]))
-        assert upstream.last.header("Authorization") is None, value
-        assert reg["token"] not in repr(upstream.last.headers)
+        status, _, _ = await raw_request(gw.port, raw("GET", "/opt/x", [("Authorization", value)]))
+        assert status in (200, 400, 401), value
+        for seen in upstream.seen:
+            assert reg["token"] not in repr(seen.headers), value
 
 
 @pytest.mark.gen_test
@@ -1028,7 +1032,8 @@ async def test_upstream_sending_both_content_length_and_chunked(make_gateway, tm
     async with raw_upstream(handle) as upstream_url:
         rg = await start(make_gateway, upstream_url, tmp_path)
         r = await rg.client.request("GET", "/public/x")
-        assert r.code == 200 and r.body == b"hello world"
+        # Both framings at once is a response-splitting vector (RFC 9112 §6.3): refused.
+        assert_error(r, 502, "bad_gateway")
 
 
 class BigStream(tornado.web.RequestHandler):

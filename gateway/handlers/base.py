@@ -56,11 +56,25 @@ class BaseHandler(tornado.web.RequestHandler):
 
     @property
     def max_body_size(self) -> int:
-        return self.gateway.config.server.max_body_size
+        """The body limit of the gateway's own endpoints (JSON, small)."""
+        return self.gateway.config.server.auth_max_body_size
+
+    def count_in_flight(self) -> None:
+        """Count this request as in flight until it finishes or its client
+        leaves; while the gateway drains, tell the client to close."""
+        gateway = self.gateway
+        gateway.requests_in_flight += 1
+        self._in_flight = True
+        if gateway.draining:
+            self.set_header("Connection", "close")
+
+    def _not_in_flight(self) -> None:
+        if getattr(self, "_in_flight", False):
+            self._in_flight = False
+            self.gateway.requests_in_flight -= 1
 
     async def prepare(self) -> None:
-        self.gateway.requests_in_flight += 1
-        self._in_flight = True
+        self.count_in_flight()
         limit = self.max_body_size
         length = self.request.headers.get("Content-Length")
         if length is not None:
@@ -75,9 +89,14 @@ class BaseHandler(tornado.web.RequestHandler):
         self.request.connection.set_max_body_size(2 * limit + 65536)  # type: ignore[union-attr]
 
     def on_finish(self) -> None:
-        if getattr(self, "_in_flight", False):
-            self._in_flight = False
-            self.gateway.requests_in_flight -= 1
+        self._not_in_flight()
+
+    def on_connection_close(self) -> None:
+        """The client left: nothing of this request counts as in flight any
+        more, and a handler waiting for the body is released."""
+        super().on_connection_close()
+        self._not_in_flight()
+        self._chunks = []
 
     def _too_large(self, limit: int) -> GatewayError:
         return GatewayError("payload_too_large", f"the request body exceeds the {limit}-byte limit")

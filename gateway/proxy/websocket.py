@@ -1,0 +1,277 @@
+"""The WebSocket relay: ``Upgrade: websocket`` requests on routes with
+``websocket = true``.
+
+Everything that decides whether the socket may open happens before the
+upgrade, with the same code as for HTTP (route, path safety, credentials in
+the wrong place, who is calling, route policy), plus the WebSocket CSRF
+check: a cookie-authenticated handshake must come from an allowed
+``Origin``.  Then the upstream handshake is made (with the identity
+headers); only when the upstream accepted is the client's upgrade answered,
+with the subprotocol the upstream chose.  Any refusal is a JSON error, never
+an upgrade.
+
+Messages are relayed one at a time in each direction: the next frame is
+read only when the previous one was written, so a slow side slows the other
+instead of filling memory.  A :class:`SocketWatcher` per process checks the
+sessions of open sockets every :data:`WATCH_INTERVAL` seconds and closes a
+socket whose session ended (code 4401 to the client, 1001 upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import tornado.httpclient
+import tornado.iostream
+import tornado.routing
+import tornado.web
+import tornado.websocket
+
+from gateway.errors import GatewayError, StoreUnavailable, invalid_request, not_found
+from gateway.proxy import policy
+from gateway.proxy.handler import ProxyHandler
+from gateway.requestinfo import Principal
+import tornado.httputil
+from gateway.sessions.manager import Session
+
+log = logging.getLogger("gateway.proxy")
+
+#: How often the sessions of open sockets are checked (a session's end
+#: reaches its sockets within this, in every process).
+WATCH_INTERVAL = 2.0
+#: Close codes: the session ended (client side) / going away (upstream side).
+SESSION_ENDED = 4401
+GOING_AWAY = 1001
+
+
+class UpgradeMatcher(tornado.routing.Matcher):
+    """Matches ``Upgrade: websocket`` requests (whatever their path)."""
+
+    def match(self, request: Any) -> dict[str, Any] | None:
+        upgrade = request.headers.get("Upgrade")
+        if upgrade is not None and upgrade.strip().lower() == "websocket":
+            return {}
+        return None
+
+
+class WebSocketProxyHandler(tornado.websocket.WebSocketHandler, ProxyHandler):
+    """Authenticates a handshake like any proxied request, opens the
+    upstream socket, then relays messages both ways."""
+
+    upstream: tornado.websocket.WebSocketClientConnection | None = None
+    principal: Principal | None = None
+    _pump: "asyncio.Task[None] | None" = None
+    _closing_reason: str | None = None
+
+    # -- before the upgrade --------------------------------------------------------
+
+    async def prepare(self) -> None:
+        self.count_in_flight()
+        request = self.request
+        route = policy.route_for(self.gateway.routes, request.path)
+        if route is None:
+            raise not_found(f"no route for {request.path}")
+        self.route = route
+        if not route.websocket:
+            raise invalid_request(f"the route {route.prefix} does not accept WebSocket upgrades")
+        if request.method != "GET":
+            raise invalid_request("a WebSocket upgrade must be a GET")
+        self.principal = await self.admit(route, websocket=True)
+        headers = await self.build_upstream_headers(route, self.principal, websocket=True)
+        await self._connect_upstream(headers)
+
+    async def _connect_upstream(self, headers: list[tuple[str, str]]) -> None:
+        route = self.route
+        url = route.upstream_url(self.request.path, self.request.query)
+        url = "ws" + url[4:] if url.startswith("http") else url
+        subprotocols = [p.strip() for v in self.request.headers.get_list("Sec-WebSocket-Protocol")
+                        for p in v.split(",") if p.strip()]
+        upstream_headers = tornado.httputil.HTTPHeaders()
+        for name, value in headers:
+            upstream_headers.add(name, value)
+        upstream_request = tornado.httpclient.HTTPRequest(
+            url, headers=upstream_headers, connect_timeout=route.connect_timeout,
+            request_timeout=route.request_timeout, decompress_response=False, follow_redirects=False,
+        )
+        try:
+            self.upstream = await tornado.websocket.websocket_connect(
+                upstream_request, subprotocols=subprotocols or None,
+                max_message_size=route.websocket_max_message_size, ping_interval=None,
+            )
+        except tornado.httpclient.HTTPClientError as exc:
+            if exc.code == 599:
+                raise self._handshake_failed("did not answer in time", exc, timeout=True) from None
+            raise self._handshake_failed(f"refused the WebSocket handshake ({exc.code})", exc) from None
+        except (OSError, tornado.iostream.StreamClosedError, tornado.websocket.WebSocketError) as exc:
+            raise self._handshake_failed("could not be reached", exc) from None
+
+    def _handshake_failed(self, what: str, exc: BaseException, *, timeout: bool = False) -> GatewayError:
+        code = "gateway_timeout" if timeout else "bad_gateway"
+        return GatewayError(code, f"the upstream for {self.route.prefix} {what}",
+                            log_message=f"WebSocket upstream {self.route.upstream} {what}: {exc!r}")
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # decided in prepare(): Origin matters only for cookie-authenticated sockets
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        chosen = self.upstream.selected_subprotocol if self.upstream is not None else None
+        return chosen if chosen in subprotocols else None
+
+    @property
+    def max_message_size(self) -> int:
+        return self.route.websocket_max_message_size
+
+    @property
+    def ping_interval(self) -> float | None:
+        return self.route.websocket_ping_interval or None
+
+    def data_received(self, chunk: bytes) -> None:
+        return None  # a handshake has no body
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        await super().get(*args, **kwargs)
+        if self.ws_connection is None and self.upstream is not None:
+            # The client's handshake was not acceptable after all.
+            self.upstream.close(GOING_AWAY)
+            self.upstream = None
+
+    # -- after the upgrade ---------------------------------------------------------------
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        self._not_in_flight()  # an open socket is not a request a graceful stop waits for
+        watcher(self.gateway).add(self)
+        self._pump = asyncio.ensure_future(self._from_upstream())
+
+    async def on_message(self, message: str | bytes) -> None:
+        upstream = self.upstream
+        if upstream is None:
+            return
+        try:
+            await upstream.write_message(message, binary=isinstance(message, bytes))
+        except tornado.websocket.WebSocketClosedError:
+            pass  # the pump sees the upstream's close and ends this side
+
+    def on_ping(self, data: bytes) -> None:
+        if self.upstream is not None:
+            try:
+                self.upstream.ping(data)
+            except tornado.websocket.WebSocketClosedError:
+                pass
+
+    async def _from_upstream(self) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        while True:
+            message = await upstream.read_message()
+            if message is None:
+                break
+            try:
+                await self.write_message(message, binary=isinstance(message, bytes))
+            except tornado.websocket.WebSocketClosedError:
+                return
+        if self.ws_connection is not None and self._closing_reason is None:
+            code = upstream.close_code  # None: the upstream went away without a close frame
+            self.close(1011 if code is None else code if code not in (1005, 1006) else None,
+                       upstream.close_reason if code is not None else "the upstream went away")
+
+    def on_close(self) -> None:
+        watcher(self.gateway).discard(self)
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            code, reason = self.close_code, self.close_reason
+            if self._closing_reason is not None:
+                code, reason = GOING_AWAY, self._closing_reason
+            upstream.close(code if code not in (1005, 1006) else None, reason)
+        self._not_in_flight()
+
+    def end(self, reason: str) -> None:
+        """The session behind this socket ended: close both sides."""
+        self._closing_reason = reason
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.close(GOING_AWAY, reason)
+        self.close(SESSION_ENDED, reason)
+
+    def on_connection_close(self) -> None:
+        if self.ws_connection is None:
+            ProxyHandler.on_connection_close(self)
+            if self.upstream is not None:
+                self.upstream.close(GOING_AWAY)
+                self.upstream = None
+            return
+        super().on_connection_close()
+
+    def send_error(self, *args: Any, **kwargs: Any) -> None:
+        if self.ws_connection is None and self.upstream is not None:
+            self.upstream.close(GOING_AWAY)
+            self.upstream = None
+        super().send_error(*args, **kwargs)
+
+
+class SocketWatcher:
+    """Closes sockets whose session ended: one check of every open socket's
+    session (or API key) each :data:`WATCH_INTERVAL`, per process."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.gateway = gateway
+        self.sockets: set[WebSocketProxyHandler] = set()
+        self._task: "asyncio.Task[None] | None" = None
+
+    def add(self, handler: WebSocketProxyHandler) -> None:
+        if handler.principal is None:
+            return  # an anonymous socket on an optional or public route: nothing to end
+        self.sockets.add(handler)
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    def discard(self, handler: WebSocketProxyHandler) -> None:
+        self.sockets.discard(handler)
+
+    async def _run(self) -> None:
+        while self.sockets:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                await self.check()
+            except Exception:
+                log.exception("checking the sessions of open WebSockets failed")
+
+    async def check(self) -> None:
+        now = time.time()
+        store = self.gateway.session_store
+        for handler in list(self.sockets):
+            principal = handler.principal
+            if principal is None or handler not in self.sockets:
+                continue
+            try:
+                if principal.session is not None:
+                    record = await store.get(principal.session.id)
+                    alive = record is not None and _live(Session.from_record(record), now)
+                else:
+                    again = await self.gateway.authenticate_request(handler.request)
+                    alive = again is not None and again.user_id == principal.user_id
+            except (StoreUnavailable, GatewayError):
+                continue  # cannot tell now: keep the socket, look again next time
+            if not alive and handler in self.sockets:
+                self.sockets.discard(handler)
+                handler.end("session ended")
+
+    def close_all(self) -> None:
+        for handler in list(self.sockets):
+            handler.end("the gateway is stopping")
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _live(session: Session, now: float) -> bool:
+    return now < session.expires_at and now < session.absolute_expires_at
+
+
+def watcher(gateway: Any) -> SocketWatcher:
+    """The process's watcher (made on first use)."""
+    found = getattr(gateway, "socket_watcher", None)
+    if found is None:
+        found = gateway.socket_watcher = SocketWatcher(gateway)
+    return found
