@@ -71,7 +71,7 @@ def path_readings(path: str) -> list[str]:
     as ``/``, repeated slashes collapsed and ``;params`` removed."""
     decoded = unquote(path)
     folded = re.sub(r"[/\\]+", "/", decoded)
-    return [decoded, folded, re.sub(r";[^/]*", "", folded)]
+    return [decoded, folded, re.sub(r"/+", "/", re.sub(r";[^/]*", "", folded))]
 
 
 def route_for(table: RouteTable, path: str) -> Route | None:
