@@ -1,14 +1,14 @@
-"""The ``gateway`` command: ``serve``, ``check-config`` and ``apikey``."""
+"""The ``gateway`` command: ``serve``, ``check-config`` and ``apikey``.
+
+Argument parsing and configuration checks; serving itself (sockets,
+workers, the event loop, signals, the graceful stop) is :mod:`gateway.server`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
-import time
 import sys
 from datetime import datetime
 from typing import Any, Awaitable, Callable, Sequence
@@ -23,11 +23,13 @@ log = logging.getLogger("gateway")
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.app import Gateway
+    from gateway.server import event_loop_problems
 
     problems: list[str] = []
     gw = None
     try:
         config, problems = read_config(args.config)
+        problems = problems + event_loop_problems(config)
         gw = Gateway(config)
         gw.make_app()  # plugin routes too
     except ConfigError as exc:
@@ -46,76 +48,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def supervise(workers: int, *, burst: int = 10, window: float = 60.0) -> None:
-    """Fork ``workers`` processes sharing the bound sockets and return in
-    each of them.  The parent stays to supervise: it replaces a worker that
-    exits, whatever its status (one per second; more than ``burst`` within
-    ``window`` seconds means something is wrong, and it stops everything and
-    exits 1), and on SIGTERM/SIGINT it stops every worker, waits for them
-    and exits 0."""
-    children: set[int] = set()
-    stopping = False
-    signals = {signal.SIGTERM, signal.SIGINT}
-
-    def spawn() -> bool:
-        # Signals stay blocked from before the fork until the child has its
-        # own handlers and the parent has recorded the child.
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                for sig in signals:
-                    signal.signal(sig, signal.SIG_DFL)
-                return True
-            children.add(pid)
-            return False
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    for sig in signals:
-        signal.signal(sig, stop)
-    for _ in range(workers):
-        if stopping:
-            break
-        if spawn():
-            return
-    restarts: list[float] = []
-    failed = False
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        children.discard(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            continue
-        now = time.monotonic()
-        restarts = [t for t in restarts if now - t < window] + [now]
-        if len(restarts) > burst:
-            log.error("worker %d exited with %d; %d restarts within %.0fs: stopping", pid, code, burst, window)
-            failed = True
-            stop(signal.SIGTERM, None)
-            continue
-        log.error("worker %d exited with %d; starting another", pid, code)
-        time.sleep(1)
-        if not stopping and spawn():
-            return
-    sys.exit(1 if failed else 0)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tornado.httpserver import HTTPServer
-    from tornado.netutil import bind_sockets
-
     from gateway.app import Gateway
+    from gateway.server import event_loop_problems, serve
 
     try:
         config = load_config(args.config)
@@ -123,6 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config.server.values["host"] = args.host
         if args.port is not None:
             config.server.values["port"] = args.port
+        problems = event_loop_problems(config)
+        if problems:
+            raise ConfigError(problems)
         Gateway(config).make_app()  # validate providers and plugin routes before binding or forking
     except Exception as exc:  # a plugin's own bug while the gateway is built, too
         problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)] if isinstance(exc, PluginError) \
@@ -130,52 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"config error: {problem}", file=sys.stderr)
         return 2
-    sockets = bind_sockets(config.server.port, config.server.host)
-    if config.server.workers > 1:
-        supervise(config.server.workers)  # returns only in a worker
-
-    async def run() -> int:
-        gw = Gateway(config)
-        try:
-            await gw.start()
-            app = gw.make_app()
-        except Exception as exc:
-            detail = exc.detail if isinstance(exc, GatewayError) else repr(exc)
-            log.error("start-up failed: %s", detail, exc_info=not isinstance(exc, GatewayError))
-            await gw.stop()
-            return 1
-        server = HTTPServer(app, max_body_size=config.server.max_body_size + 1,
-                            idle_connection_timeout=config.server.idle_connection_timeout,
-                            body_timeout=config.server.body_timeout)
-        server.add_sockets(sockets)
-        demo = None
-        if args.demo_upstream:
-            from gateway.demo import make_demo_app
-
-            host, _, port = args.demo_upstream.rpartition(":")
-            demo = HTTPServer(make_demo_app())
-            demo.listen(int(port), host or "127.0.0.1")
-            log.info("demo upstream on http://%s", args.demo_upstream)
-        port = sockets[0].getsockname()[1]
-        log.info("listening on http://%s:%d", config.server.host, port)
-        print(f"gateway listening on http://{config.server.host}:{port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping: no new connections; %d request(s) in flight", gw.requests_in_flight)
-        server.stop()
-        deadline = loop.time() + config.server.shutdown_timeout
-        while gw.requests_in_flight > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if demo is not None:
-            demo.stop()
-        await server.close_all_connections()
-        await gw.stop()
-        return 0
-
-    return asyncio.run(run())
+    return serve(config, demo_upstream=args.demo_upstream)
 
 
 # -- gateway apikey create|list|revoke: the profile store only, no server ------------------

@@ -192,7 +192,7 @@ async def test_serve_with_two_workers_shares_sessions_and_stops_on_sigterm(tmp_p
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     client = Client(f"http://127.0.0.1:{port}")
     try:
-        await wait_listening(proc, port)  # (the socket listens before the workers are forked)
+        await wait_listening(proc, port)  # (each worker listens on the port with its own socket)
         workers = children_of(proc.pid)
         for _ in range(100):
             if len(workers) == 2:
@@ -223,7 +223,7 @@ async def test_serve_with_two_workers_shares_sessions_and_stops_on_sigterm(tmp_p
 def test_supervisor_gives_up_on_a_crash_loop_with_a_failure_status():
     """Workers that keep dying: restarted a few times, then the supervisor
     stops and exits 1, so a service manager sees the failure."""
-    script = ("import sys\nfrom gateway.cli import supervise\n"
+    script = ("import sys\nfrom gateway.server import supervise\n"
               "supervise(2, burst=2, window=60)\n"
               "sys.exit(3)  # only workers get here\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import tornado.web
+from tornado.concurrent import Future
 
 from gateway.errors import GatewayError, error_body_for_status, invalid_request, unauthenticated
 from gateway.plugins import plugin_failure
@@ -68,6 +69,24 @@ class BaseHandler(tornado.web.RequestHandler):
         if gateway.draining:
             self.set_header("Connection", "close")
 
+    #: the response head went out (set by :meth:`flush`, which finish() calls)
+    head_sent = False
+    #: finish() was called
+    response_finished = False
+
+    def flush(self, include_footers: bool = False) -> "Future[None]":
+        if not self.head_sent:
+            self.head_sent = True
+            # A response whose head goes out while the gateway drains tells
+            # its client not to send another request on this connection.
+            if self.gateway.draining:
+                self.set_header("Connection", "close")
+        return super().flush(include_footers)
+
+    def finish(self, chunk: Any = None) -> "Future[None]":
+        self.response_finished = True
+        return super().finish(chunk)
+
     def _not_in_flight(self) -> None:
         if getattr(self, "_in_flight", False):
             self._in_flight = False
@@ -102,7 +121,7 @@ class BaseHandler(tornado.web.RequestHandler):
         return GatewayError("payload_too_large", f"the request body exceeds the {limit}-byte limit")
 
     def data_received(self, chunk: bytes) -> None:
-        if self._finished:
+        if self.response_finished:
             return
         self._body_size += len(chunk)
         if self._body_size > self.max_body_size:

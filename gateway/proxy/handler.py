@@ -262,7 +262,7 @@ class ProxyHandler(BaseHandler):
 
     def data_received(self, chunk: bytes) -> "asyncio.Future[None] | None":
         channel = self._channel
-        if channel is None or self._finished:
+        if channel is None or self.response_finished:
             return None
         self._received += len(chunk)
         limit = self.route.max_body_size
@@ -271,7 +271,7 @@ class ProxyHandler(BaseHandler):
             # upstream request and answer now (the connection then closes).
             channel.close()
             self._abort_exchange()
-            if not self._headers_written:
+            if not self.head_sent:
                 self.send_error(413, exc_info=(GatewayError, self._too_large(limit), None))
             return None
         return channel.put(chunk)
@@ -386,7 +386,7 @@ class ProxyHandler(BaseHandler):
             response.close(abort=True)
             return  # the client left
         response.close()
-        if not self._finished:
+        if not self.response_finished:
             try:
                 self.finish()
             except tornado.iostream.StreamClosedError:
@@ -434,9 +434,9 @@ class ProxyHandler(BaseHandler):
         else:
             error = GatewayError("bad_gateway", f"the upstream for {prefix} answered with an error")
         log.warning("%s %s -> %d: upstream %s", self.request.method, self.request.path, error.status, exc)
-        if self._finished:
+        if self.response_finished:
             return
-        if self._headers_written:
+        if self.head_sent:
             self._close_connection()
             return
         self.send_error(error.status, exc_info=(GatewayError, error, None))
