@@ -52,6 +52,10 @@ class ClientStalled(Exception):
     """The client sent no body byte for the route's ``read_timeout``."""
 
 
+class BodyAborted(Exception):
+    """The request body was cut off before its end."""
+
+
 class BodyChannel:
     """Hands request-body chunks from Tornado to the upstream client, one
     at a time: :meth:`put` returns a future that resolves when the chunk
@@ -65,6 +69,7 @@ class BodyChannel:
         self._taken: asyncio.Future[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._closed = False
+        self._aborted = False
         self.ended = False
         self.stalled = False
 
@@ -88,12 +93,21 @@ class BodyChannel:
             self._taken.set_result(None)
         self._wake()
 
+    def abort(self) -> None:
+        """The body will never be complete (the client left, or crossed the
+        limit): the consumer raises, so the upstream never sees an end."""
+        self._aborted = True
+        self._chunk = None
+        self.close()
+
     def _wake(self) -> None:
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         while True:
+            if self._aborted:
+                raise BodyAborted()
             chunk = self._chunk
             if chunk is None:
                 if self._closed:
@@ -269,7 +283,7 @@ class ProxyHandler(BaseHandler):
         if limit and self._received > limit:
             # A chunked body has no Content-Length to refuse up front: cut the
             # upstream request and answer now (the connection then closes).
-            channel.close()
+            channel.abort()
             self._abort_exchange()
             if not self.head_sent:
                 self.send_error(413, exc_info=(GatewayError, self._too_large(limit), None))
@@ -308,8 +322,8 @@ class ProxyHandler(BaseHandler):
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
-        if self._channel is not None:
-            self._channel.close()
+        if self._channel is not None and not self._channel.ended:
+            self._channel.abort()
         self._abort_exchange()
 
     def _abort_exchange(self) -> None:
@@ -340,6 +354,8 @@ class ProxyHandler(BaseHandler):
             return self._failed(UpstreamTimeout(pool.name, f"no response within {route.request_timeout:g}s"))
         except ClientStalled:
             return self._client_stalled()
+        except BodyAborted:
+            return  # already answered (413) or nobody left to answer
         if channel is not None and channel.stalled:
             response.close(abort=True)
             return self._client_stalled()

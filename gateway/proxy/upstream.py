@@ -36,6 +36,7 @@ class UpstreamError(Exception):
     """An exchange with an upstream failed; ``str()`` is for the log."""
 
     def __init__(self, upstream: str, detail: str) -> None:
+        detail = " ".join(detail.split())  # one log line, whatever the library's text
         super().__init__(f"{upstream}: {detail}")
         self.upstream = upstream
         self.detail = detail
