@@ -1140,3 +1140,22 @@ async def test_an_upstream_doing_its_own_cors_keeps_its_headers(make_gateway, tm
         r = await rg.client.request("GET", "/public/x", headers={"Origin": "https://app.example.com"})
         assert r.headers.get_list("Access-Control-Allow-Origin") == ["*"]
         assert "Access-Control-Allow-Credentials" not in r.headers
+
+
+@pytest.mark.gen_test
+async def test_an_oversized_request_head_closes_the_connection_as_documented(gw, upstream):
+    # The README: a request head over 64 KiB gets its connection closed
+    # without an answer (Tornado's limit); nothing reaches the upstream, and
+    # the gateway goes on serving.
+    stream = await tornado.tcpclient.TCPClient().connect("127.0.0.1", gw.port)
+    try:
+        await stream.write(b"GET /public/x HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n")
+        answer = await asyncio.wait_for(stream.read_until_close(), 5)
+    except tornado.iostream.StreamClosedError:
+        answer = b""
+    finally:
+        stream.close()
+    assert answer == b""
+    assert upstream.seen == []
+    status, _, _ = await raw_request(gw.port, raw("GET", "/public/x", []))
+    assert status == 200
