@@ -1,10 +1,10 @@
-# The two commands a newcomer needs: `make run` and `make test`.
+# The two commands a newcomer needs: `make run` and `make test`; `make bench` measures the proxy.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test redis-server clean check-config
+.PHONY: install run test redis-server bench-tools bench clean check-config
 
 install: $(STAMP)
 
@@ -31,6 +31,22 @@ redis-server:
 
 test: install redis-server
 	$(BIN)/python -m pytest -rs $(PYTEST_ARGS)
+
+# nginx (the upstream) and wrk (the load) for `make bench`, with apt when missing.
+# nginx lives in /usr/sbin, which is not on every user's PATH.
+bench-tools: redis-server
+	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
+	for tool in nginx wrk; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "not found:$$missing: installing with apt"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y $$missing >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y $$missing; }; \
+	fi
+	@$(BIN)/python -c "import aiohttp" 2>/dev/null || $(BIN)/python -m pip install --quiet aiohttp
+
+# Figures, ratios and bench/results.json; BENCH_DURATION=10 BENCH_CONNECTIONS=16 and more: see bench/run.py.
+bench: install bench-tools
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

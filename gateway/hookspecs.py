@@ -95,7 +95,8 @@ def gateway_session_revoked(
     session: "Session", reason: str, gateway: "Gateway"
 ) -> "Awaitable[None] | None":
     """A session ended before its expiry.  ``reason`` is one of ``logout``,
-    ``logout_all``, ``revoked`` (``DELETE /sessions/{id}``),
+    ``logout_all``, ``revoked`` (``DELETE /sessions/{id}``, or a replaced
+    token presented to ``/refresh`` again),
     ``password_changed``, ``max_per_user``."""
 
 

@@ -9,20 +9,26 @@ Endpoints (under ``auth_prefix``):
 
 Usernames are normalised with NFKC and casefolded.  A login for an unknown
 user verifies against a dummy hash, so it costs as much as a wrong password.
-Failures are counted per username in the session store (so the lockout
-holds across processes); after ``max_failures`` within ``lockout_window``
-the answer is 429 ``locked_out`` with ``Retry-After``.
+Failures are counted in the session store (so the lockout holds across
+processes) per username and client address: after ``max_failures`` from one
+client within ``lockout_window`` that client gets 429 ``locked_out`` with
+``Retry-After`` for the username, and only ``max_failures_per_username``
+from all clients together lock the username for everyone, so no single
+client can lock someone else out.  A login turned away because the hashing
+threads are busy (429 ``rate_limited``) is not an attempt and counts nowhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import ipaddress
 import logging
 import secrets
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -56,7 +62,8 @@ class PasswordProvider(Provider):
     options = [
         Option("allow_registration", BOOL, True, "allow POST /password/register"),
         Option("min_length", at_least(INT, 1), 8, "shortest password accepted (the longest is 1024)"),
-        Option("max_failures", at_least(INT, 1), 5, "failed logins per username within lockout_window before 429"),
+        Option("max_failures", at_least(INT, 1), 5, "failed logins for a username from one client address within lockout_window before that client gets 429 locked_out"),
+        Option("max_failures_per_username", at_least(INT, 1), 100, "failed logins for a username from all clients together within lockout_window before everyone gets 429 locked_out"),
         Option("lockout_window", POSITIVE_DURATION, "15m", "window in which failures are counted"),
         Option("time_cost", at_least(INT, 1), 3, "argon2id iterations"),
         Option("memory_cost", at_least(INT, 8), 65536, "argon2id memory in KiB"),
@@ -94,28 +101,40 @@ class PasswordProvider(Provider):
 
     # -- hashing off the event loop, on threads of its own -------------------------
 
-    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` on the hashing threads; a flood of logins waits there
-        (bounded), never in the loop's default pool that DNS lookups use."""
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One of ``max_pending_hashes`` places, or 429 ``rate_limited``
+        (taken before anything is counted toward a lockout)."""
         if self._pending >= self.settings.max_pending_hashes:
             raise too_many("rate_limited", "too many logins are in progress; try again shortly", 1)
         self._pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            yield
         finally:
             self._pending -= 1
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the hashing threads; a flood of logins waits there
+        (bounded by :meth:`_slot`), never in the loop's default pool that DNS
+        lookups use."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._slot():
+            return await self._run(fn, *args)
 
     async def _hash(self, password: str) -> str:
         return await self._in_pool(self.hasher.hash, password)
 
     async def _verify(self, hashed: str, password: str) -> bool:
+        """Verify on the hashing threads; the caller holds a :meth:`_slot`."""
         def verify() -> bool:
             try:
                 return self.hasher.verify(hashed, password)
             except (VerifyMismatchError, VerificationError, InvalidHashError):
                 return False
 
-        return await self._in_pool(verify)
+        return await self._run(verify)
 
     def check_password(self, password: str, field: str) -> None:
         if len(password) < self.settings.min_length:
@@ -126,40 +145,54 @@ class PasswordProvider(Provider):
     # -- lockout ------------------------------------------------------------------
 
     def _counter(self, username: str) -> str:
+        """The username-wide counter (failures from all clients together)."""
         return "pwfail:" + hashlib.sha256(username.encode()).hexdigest()[:32]
 
-    async def _count_attempt(self, username: str) -> None:
-        """Count this attempt *before* verifying (one atomic increment), so
+    def _client_counter(self, username: str, ip: str) -> str:
+        """The counter of one client's failures for a username."""
+        return "pwfail-client:" + hashlib.sha256(f"{username}\0{client_key(ip)}".encode()).hexdigest()[:32]
+
+    async def _count_attempt(self, username: str, ip: str) -> None:
+        """Count this attempt *before* verifying (atomic increments), so
         concurrent guesses cannot all pass a check made before any of them
-        failed; a success clears the counter again."""
-        count, left = await self.gateway.session_store.hit(self._counter(username), self.settings.lockout_window)
+        failed; a success clears the counts again.  An attempt this client is
+        already locked out of stops at its own counter: it never counts toward
+        the username-wide lock, so one client cannot lock the username for all."""
+        store, window = self.gateway.session_store, self.settings.lockout_window
+        count, left = await store.hit(self._client_counter(username, ip), window)
         if count > self.settings.max_failures:
+            raise too_many("locked_out", "too many failed attempts for this username; try again later", left)
+        count, left = await store.hit(self._counter(username), window)
+        if count > self.settings.max_failures_per_username:
             raise too_many("locked_out", "too many failed attempts for this username; try again later", left)
 
     async def _failed(self, username: str) -> GatewayError:
         return invalid_credentials("the username or password is not correct")
 
-    async def verify_credentials(self, username: str, password: str) -> str:
-        """The user id for these credentials, or a 401/429 error."""
-        await self._count_attempt(username)
-        identity = await self.gateway.profiles.get_identity(self.name, username)
-        hashed = identity.data.get("hash", "") if identity else ""
-        ok = await self._verify(hashed or self._dummy_hash, password)
-        stale = bool(hashed) and self.hasher.check_needs_rehash(hashed)
-        if not (identity and hashed and ok):
+    async def verify_credentials(self, username: str, password: str, ip: str = "") -> str:
+        """The user id for these credentials, or a 401/429 error.  ``ip`` is
+        the client's address (``handler.client_ip``), for the lockout."""
+        with self._slot():  # a login refused as busy is not counted as an attempt
+            await self._count_attempt(username, ip)
+            identity = await self.gateway.profiles.get_identity(self.name, username)
+            hashed = identity.data.get("hash", "") if identity else ""
+            ok = await self._verify(hashed or self._dummy_hash, password)
+            stale = bool(hashed) and self.hasher.check_needs_rehash(hashed)
+            if not (identity and hashed and ok):
+                if stale:
+                    # A hash made with older (cheaper) parameters answered faster
+                    # than the dummy would: spend the difference, or the timing
+                    # would tell existing accounts from unknown names.
+                    await self._verify(self._dummy_hash, password)
+                raise await self._failed(username)
+            await self.gateway.session_store.clear(self._client_counter(username, ip))
+            await self.gateway.session_store.clear(self._counter(username))
             if stale:
-                # A hash made with older (cheaper) parameters answered faster
-                # than the dummy would: spend the difference, or the timing
-                # would tell existing accounts from unknown names.
-                await self._verify(self._dummy_hash, password)
-            raise await self._failed(username)
-        await self.gateway.session_store.clear(self._counter(username))
-        if stale:
-            try:
-                await self.gateway.profiles.update_identity_data(
-                    self.name, username, {"hash": await self._hash(password)})
-            except GatewayError as exc:  # the login stands; the rehash waits for the next one
-                log.warning("password rehash for a user failed: %s", exc.detail or exc.message)
+                try:
+                    await self.gateway.profiles.update_identity_data(
+                        self.name, username, {"hash": await self._run(self.hasher.hash, password)})
+                except GatewayError as exc:  # the login stands; the rehash waits for the next one
+                    log.warning("password rehash for a user failed: %s", exc.detail or exc.message)
         return identity.user_id
 
     # -- endpoints ------------------------------------------------------------------
@@ -173,7 +206,7 @@ class PasswordProvider(Provider):
 
     async def login(self, handler: AuthHandler, body: dict[str, Any]) -> LoginResult:  # type: ignore[override]
         username, password = self._credentials(handler, body)
-        user_id = await self.verify_credentials(username, password)
+        user_id = await self.verify_credentials(username, password, handler.client_ip)
         user = await self.gateway.profiles.get_user(user_id)
         if user is None:
             raise GatewayError("internal", "an internal error occurred",
@@ -210,7 +243,7 @@ class PasswordProvider(Provider):
         if not links:
             raise GatewayError("forbidden", "this account has no password")
         username = links[0].subject
-        await self.verify_credentials(username, old)
+        await self.verify_credentials(username, old, handler.client_ip)
         return username, new
 
     async def set_password(self, username: str, password: str) -> None:
@@ -234,7 +267,8 @@ class RegisterHandler(AuthHandler):
 
 class ChangeHandler(RegisterHandler):
     async def post(self) -> None:
-        principal = await self.require_session()
+        # session management: a token /refresh already replaced is not enough
+        principal = await self.require_session(allow_superseded=False)
         body = self.json_body()
         username, new = await self.gateway.call_provider(self.provider, "check_change", self, principal.user_id, body)
         # Other sessions go first: should the store then fail, no session
@@ -243,6 +277,20 @@ class ChangeHandler(RegisterHandler):
         await self.gateway.call_provider(self.provider, "set_password", username, new)
         self.set_status(204)
         self.finish()
+
+
+def client_key(ip: str) -> str:
+    """Whom a lockout counts as one client: the address, but an IPv6
+    client's whole /64 (one host usually holds all of it)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{addr}/64", strict=False))
+    return str(addr)
 
 
 @hookimpl

@@ -236,3 +236,145 @@ async def test_add_value_is_a_lock_only_one_caller_gets(store):
     results = await asyncio.gather(*(store.add_value("lock", str(i), 5) for i in range(20)))
     assert results.count(True) == 1
     assert await store.get_value("lock") == str(results.index(True))
+
+
+# -- superseded tokens: remembered as long as the session, for reuse detection --
+
+
+def rotated(rec: dict, new_token: str, keep: int = 16) -> dict:
+    """``rec`` after /refresh replaced its token with ``new_token``."""
+    return dict(rec, prev_token_hash=rec["token_hash"], token_hash=hash_token(new_token),
+                superseded_hashes=(list(rec.get("superseded_hashes") or []) + [rec["token_hash"]])[-keep:])
+
+
+@pytest.mark.gen_test
+async def test_superseded_tokens_outlive_their_grace(store):
+    rec = record("s1")
+    await store.create(rec, 60, 0)
+    assert await store.lookup_superseded(hash_token("tok-s1")) is None  # still the current token
+    rec = rotated(rec, "new")
+    assert await store.rotate(rec, 60, 0.2) is True
+    assert (await store.lookup_superseded(hash_token("tok-s1")))["id"] == "s1"
+    await asyncio.sleep(0.3)
+    assert await store.lookup(hash_token("tok-s1")) is None               # no longer opens the session...
+    assert (await store.lookup_superseded(hash_token("tok-s1")))["id"] == "s1"  # ...but is remembered
+    assert await store.lookup_superseded(hash_token("new")) is None
+    assert await store.lookup_superseded(hash_token("never-issued")) is None
+
+
+@pytest.mark.gen_test
+async def test_a_touch_keeps_superseded_tokens_as_long_as_the_session(store):
+    rec = record("s1")
+    await store.create(rec, 0.4, 0)
+    rec = rotated(rec, "new")
+    assert await store.rotate(rec, 0.4, 0.1) is True
+    assert await store.save(rec, 60) is True
+    await asyncio.sleep(0.5)
+    assert (await store.lookup_superseded(hash_token("tok-s1")))["id"] == "s1"
+
+
+@pytest.mark.gen_test
+async def test_superseded_tokens_vanish_with_their_session(store):
+    rec = record("s1")
+    await store.create(rec, 0.3, 0)
+    assert await store.rotate(rotated(rec, "new"), 0.3, 0.1) is True
+    await asyncio.sleep(0.4)
+    assert await store.lookup_superseded(hash_token("tok-s1")) is None
+
+    rec = record("s2")
+    await store.create(rec, 60, 0)
+    assert await store.rotate(rotated(rec, "new2"), 60, 5) is True
+    await store.delete("s2")
+    assert await store.lookup_superseded(hash_token("tok-s2")) is None
+
+
+@pytest.mark.gen_test
+async def test_superseded_tokens_the_record_drops_are_forgotten(store):
+    rec = record("s1")
+    await store.create(rec, 60, 0)
+    for i in range(4):
+        rec = rotated(rec, f"t{i}", keep=2)
+        assert await store.rotate(rec, 60, 5) is True
+    # kept: the last two replaced tokens (t1, t2); t3 is current
+    assert rec["superseded_hashes"] == [hash_token("t1"), hash_token("t2")]
+    for gone in ("tok-s1", "t0"):
+        assert await store.lookup_superseded(hash_token(gone)) is None
+    for kept in ("t1", "t2"):
+        assert (await store.lookup_superseded(hash_token(kept)))["id"] == "s1"
+
+
+@pytest.mark.gen_test
+async def test_evicted_sessions_forget_their_superseded_tokens(store):
+    base = time.time()
+    first = record("s0", created=base)
+    await store.create(first, 60, 1)
+    assert await store.rotate(rotated(first, "s0-new"), 60, 5) is True
+    await store.create(record("s1", created=base + 1), 60, 1)   # evicts s0
+    assert await store.get("s0") is None
+    assert await store.lookup_superseded(hash_token("tok-s0")) is None
+
+
+@pytest.mark.gen_test
+async def test_redis_keeps_no_superseded_key_beyond_its_session(redis_url, redis_server):
+    store = RedisSessionStore(redis_url)
+    await store.open()
+    try:
+        mgr = SessionManager(store, idle_timeout=100, absolute_timeout=20, touch_interval=0, rotation_grace=1)
+        token, session = await mgr.create("u1", "password")
+        await mgr.refresh(session)
+        key = f"gw:r:{hash_token(token)}"
+        pttl = int(redis_server.command("PTTL", key).strip().lstrip(":"))
+        assert 15_000 < pttl <= 20_000                                  # the session's TTL, not the grace
+        assert token not in redis_server.command("KEYS", "*")
+        await mgr.revoke(session.id, "logout")
+        assert redis_server.command("EXISTS", key).strip() == ":0"
+    finally:
+        await store.close()
+
+
+@pytest.mark.gen_test
+async def test_manager_finds_a_reused_token_in_grace_and_after(store):
+    mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0, rotation_grace=0.2)
+    t0, session = await mgr.create("u1", "password")
+    t1, _ = await mgr.refresh(session)
+    now = time.time()
+    assert (await mgr.find_reused(t0, presented_at=now)).id == session.id    # in its grace
+    assert await mgr.find_reused(t1, presented_at=now) is None                # the current token
+    assert await mgr.find_reused("gws_unknown", presented_at=now) is None
+    # a request that arrived before the rotation, or within the race window, only lost a race: no reuse
+    assert await mgr.find_reused(t0, presented_at=session.created_at) is None
+    assert await mgr.find_reused(t0, presented_at=now, race_window=5) is None
+    await asyncio.sleep(0.3)
+    assert (await mgr.find_reused(t0, presented_at=time.time())).id == session.id  # after its grace
+    assert (await mgr.end_reused(await mgr.find_reused(t0, presented_at=time.time()))).id == session.id
+    assert await store.get(session.id) is None
+    assert await mgr.authenticate(t1) is None
+
+
+@pytest.mark.gen_test
+async def test_manager_remembers_a_bounded_number_of_superseded_tokens(store):
+    mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0, rotation_grace=0)
+    first, session = await mgr.create("u1", "password")
+    tokens = [first]
+    for _ in range(mgr.KEEP_SUPERSEDED + 3):
+        token, session = await mgr.refresh(session)
+        tokens.append(token)
+    assert len(session.superseded_hashes) == mgr.KEEP_SUPERSEDED
+    now = time.time()
+    assert await mgr.find_reused(tokens[0], presented_at=now) is None         # too old to remember
+    assert (await mgr.find_reused(tokens[-2], presented_at=now)).id == session.id
+    assert (await mgr.find_reused(tokens[-1 - mgr.KEEP_SUPERSEDED], presented_at=now)).id == session.id
+
+
+@pytest.mark.gen_test
+async def test_memory_store_sweeps_superseded_tokens_too():
+    store = MemorySessionStore()
+    rec = record("old")
+    await store.create(rec, 0.05, 0)
+    await store.rotate(rotated(rec, "old-new"), 0.05, 0.01)
+    live = record("live")
+    await store.create(live, 60, 0)
+    await store.rotate(rotated(live, "live-new"), 60, 5)
+    await asyncio.sleep(0.1)
+    store.sweep()
+    assert list(store._superseded) == [hash_token("tok-live")]

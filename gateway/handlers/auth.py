@@ -1,6 +1,15 @@
 """The gateway's own endpoints under ``auth_prefix``: login through any
 provider, refresh, logout, logout everywhere, the current session, the
-session listing and revocation."""
+session listing and revocation.
+
+A token in its rotation grace period (replaced by ``/refresh`` moments ago)
+still opens ``GET /session`` and ``/logout`` (ending a session is always
+safe), like proxied routes; managing sessions (refresh, logout everywhere,
+listing or revoking sessions, changing the password) needs the current
+token.  A replaced token presented to ``/refresh`` again, in its grace or
+after, ends its session (refresh-token reuse detection), unless it came
+within ``sessions.refresh_race_window`` of its replacement: that is a
+concurrent refresh that lost the race."""
 
 from __future__ import annotations
 
@@ -60,7 +69,12 @@ class LoginHandler(AuthHandler):
 
 class RefreshHandler(AuthHandler):
     async def post(self) -> None:
-        principal = await self.require_session(allow_superseded=False)
+        try:
+            principal = await self.require_session(allow_superseded=False)
+        except GatewayError as exc:
+            if exc.code == "unauthenticated":
+                await self._end_if_reused()
+            raise
         assert principal.session is not None
         try:
             token, session = await self.gateway.sessions.refresh(principal.session)
@@ -71,6 +85,25 @@ class RefreshHandler(AuthHandler):
         self.set_session_cookie(token, session.absolute_expires_at - time.time())
         self.write_json({"token": token, "token_type": "Bearer", "expires_at": session.public()["expires_at"],
                          "session": session.public()})
+
+    async def _end_if_reused(self) -> None:
+        """A token /refresh already replaced, presented here again: someone
+        replays it (it may have been stolen), so its session ends, unless
+        the request only lost a race to a concurrent /refresh with that
+        token (``sessions.refresh_race_window``)."""
+        token = self.session_token()
+        if not token:
+            return
+        arrived = time.time() - self.request.request_time()
+        reused = await self.gateway.sessions.find_reused(
+            token, presented_at=arrived, race_window=self.gateway.config.sessions.refresh_race_window)
+        if reused is not None:
+            self.check_csrf()  # a cross-site page must not end a session either
+            await self.gateway.sessions.end_reused(reused)
+            if self._token_source == "cookie":
+                self.clear_session_cookie()
+            raise unauthenticated("this token was already refreshed and was presented again, "
+                                  "so the session has ended; log in again")
 
 
 class LogoutHandler(AuthHandler):
@@ -85,7 +118,7 @@ class LogoutHandler(AuthHandler):
 
 class LogoutAllHandler(AuthHandler):
     async def post(self) -> None:
-        principal = await self.require_session()
+        principal = await self.require_session(allow_superseded=False)
         await self.gateway.sessions.revoke_user(principal.user_id, "logout_all")
         self.clear_session_cookie()
         self.set_status(204)
@@ -103,14 +136,14 @@ class SessionHandler(AuthHandler):
 
 class SessionsHandler(AuthHandler):
     async def get(self) -> None:
-        principal = await self.require_session()
+        principal = await self.require_session(allow_superseded=False)
         sessions = await self.gateway.sessions.list_user(principal.user_id)
         self.write_json({"sessions": [s.listing(principal.session_id) for s in sessions]})
 
 
 class SessionItemHandler(AuthHandler):
     async def delete(self, session_id: str) -> None:
-        principal = await self.require_session()
+        principal = await self.require_session(allow_superseded=False)
         target = await self.gateway.sessions.store.get(session_id)
         if target is None or target.get("user_id") != principal.user_id:
             raise not_found("no such session")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterable, Sequence
+from typing import Any, AsyncIterable, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -179,12 +179,95 @@ class UpstreamPool:
         await self.session.close()
 
 
+class UpstreamSocket:
+    """An open WebSocket to an upstream.  :meth:`receive` answers
+    ``(kind, data, reason)`` with kind ``"text"``, ``"binary"``, ``"ping"``,
+    ``"pong"`` or ``"close"`` (then ``data`` is the close code or ``None``)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self.protocol: str | None = ws.protocol
+        self._closing: "asyncio.Task[Any] | None" = None
+
+    async def receive(self) -> tuple[str, Any, str]:
+        msg = await self._ws.receive()
+        kind = msg.type
+        if kind == aiohttp.WSMsgType.TEXT:
+            return "text", msg.data, ""
+        if kind == aiohttp.WSMsgType.BINARY:
+            return "binary", msg.data, ""
+        if kind == aiohttp.WSMsgType.PING:
+            return "ping", msg.data, ""
+        if kind == aiohttp.WSMsgType.PONG:
+            return "pong", msg.data, ""
+        if kind == aiohttp.WSMsgType.CLOSE:
+            return "close", msg.data, msg.extra or ""
+        if kind == aiohttp.WSMsgType.ERROR and isinstance(msg.data, aiohttp.WebSocketError):
+            return "close", msg.data.code, "message too big" if msg.data.code == 1009 else "protocol error"
+        return "close", self._ws.close_code, ""
+
+    async def send(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            await self._ws.send_bytes(message)
+        else:
+            await self._ws.send_str(message)
+
+    async def ping(self, data: bytes) -> None:
+        await self._ws.ping(data)
+
+    async def pong(self, data: bytes) -> None:
+        await self._ws.pong(data)
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.closed
+
+    def close(self, code: int | None = None, reason: str | None = "") -> None:
+        """Start the closing handshake (without waiting for it)."""
+        if self._closing is None and not self._ws.closed:
+            self._closing = asyncio.ensure_future(
+                self._ws.close(code=code or 1000, message=(reason or "").encode("utf-8")[:123]))
+
+
 class UpstreamClient:
-    """One :class:`UpstreamPool` per upstream origin, made on first use."""
+    """One :class:`UpstreamPool` per upstream origin, made on first use;
+    WebSockets on connections of their own (they are long-lived, so they
+    do not take slots from the pools)."""
 
     def __init__(self, max_connections: int) -> None:
         self.max_connections = max_connections
         self.pools: dict[str, UpstreamPool] = {}
+        self._sockets: aiohttp.ClientSession | None = None
+
+    async def websocket(self, url: str, headers: Sequence[tuple[str, str]], *, protocols: Sequence[str],
+                        max_message_size: int, connect_timeout: float, request_timeout: float) -> UpstreamSocket:
+        """Open a WebSocket upstream: the handshake must answer 101 within
+        ``request_timeout`` (raises :class:`UpstreamTimeout`,
+        :class:`UpstreamUnreachable` or :class:`UpstreamFailed`)."""
+        if self._sockets is None:
+            self._sockets = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=True), cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=_NO_AUTO_HEADERS, timeout=aiohttp.ClientTimeout(total=None))
+        parts = urlsplit(url)
+        name = f"{parts.scheme}://{parts.netloc}"
+        try:
+            async with asyncio.timeout(request_timeout):
+                ws = await self._sockets.ws_connect(
+                    yarl.URL(url, encoded=True), headers=headers, protocols=tuple(protocols), autoping=False,
+                    max_msg_size=max_message_size + 1, compress=0,  # (aiohttp refuses a message of exactly its limit)
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise UpstreamFailed(name, f"refused the WebSocket handshake ({exc.status})", maybe_processed=True) from None
+        except aiohttp.ServerTimeoutError as exc:
+            raise UpstreamTimeout(name, f"no connection within {connect_timeout:g}s ({exc})") from None
+        except TimeoutError:
+            raise UpstreamTimeout(name, f"no handshake answer within {request_timeout:g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnreachable(name, f"cannot connect ({exc.os_error!r})") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamFailed(name, f"failed the WebSocket handshake ({exc!r})", maybe_processed=True) from None
+        return UpstreamSocket(ws)
 
     def pool(self, url: str) -> UpstreamPool:
         parts = urlsplit(url)
@@ -198,3 +281,6 @@ class UpstreamClient:
         pools, self.pools = list(self.pools.values()), {}
         for pool in pools:
             await pool.close()
+        if self._sockets is not None:
+            await self._sockets.close()
+            self._sockets = None

@@ -24,8 +24,6 @@ import logging
 import time
 from typing import Any
 
-import tornado.httpclient
-import tornado.iostream
 import tornado.routing
 import tornado.web
 import tornado.websocket
@@ -33,8 +31,8 @@ import tornado.websocket
 from gateway.errors import GatewayError, StoreUnavailable, invalid_request, not_found
 from gateway.proxy import policy
 from gateway.proxy.handler import ProxyHandler
+from gateway.proxy.upstream import UpstreamError, UpstreamFailed, UpstreamSocket, UpstreamTimeout
 from gateway.requestinfo import Principal
-import tornado.httputil
 from gateway.sessions.manager import Session
 
 log = logging.getLogger("gateway.proxy")
@@ -61,7 +59,7 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler, ProxyHandler):
     """Authenticates a handshake like any proxied request, opens the
     upstream socket, then relays messages both ways."""
 
-    upstream: tornado.websocket.WebSocketClientConnection | None = None
+    upstream: UpstreamSocket | None = None
     principal: Principal | None = None
     _pump: "asyncio.Task[None] | None" = None
     _closing_reason: str | None = None
@@ -87,37 +85,29 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler, ProxyHandler):
         route = self.route
         url = route.upstream_url(self.request.path, self.request.query)
         url = "ws" + url[4:] if url.startswith("http") else url
-        subprotocols = [p.strip() for v in self.request.headers.get_list("Sec-WebSocket-Protocol")
-                        for p in v.split(",") if p.strip()]
-        upstream_headers = tornado.httputil.HTTPHeaders()
-        for name, value in headers:
-            upstream_headers.add(name, value)
-        upstream_request = tornado.httpclient.HTTPRequest(
-            url, headers=upstream_headers, connect_timeout=route.connect_timeout,
-            request_timeout=route.request_timeout, decompress_response=False, follow_redirects=False,
-        )
+        protocols = [p.strip() for v in self.request.headers.get_list("Sec-WebSocket-Protocol")
+                     for p in v.split(",") if p.strip()]
         try:
-            self.upstream = await tornado.websocket.websocket_connect(
-                upstream_request, subprotocols=subprotocols or None,
-                max_message_size=route.websocket_max_message_size, ping_interval=None,
-            )
-        except tornado.httpclient.HTTPClientError as exc:
-            if exc.code == 599:
-                raise self._handshake_failed("did not answer in time", exc, timeout=True) from None
-            raise self._handshake_failed(f"refused the WebSocket handshake ({exc.code})", exc) from None
-        except (OSError, tornado.iostream.StreamClosedError, tornado.websocket.WebSocketError) as exc:
+            self.upstream = await self.gateway.upstream_client.websocket(
+                url, headers, protocols=protocols, max_message_size=route.websocket_max_message_size,
+                connect_timeout=route.connect_timeout, request_timeout=route.request_timeout)
+        except UpstreamTimeout as exc:
+            raise self._handshake_failed("did not answer in time", exc, timeout=True) from None
+        except UpstreamFailed as exc:
+            raise self._handshake_failed("refused the WebSocket handshake", exc) from None
+        except UpstreamError as exc:
             raise self._handshake_failed("could not be reached", exc) from None
 
     def _handshake_failed(self, what: str, exc: BaseException, *, timeout: bool = False) -> GatewayError:
         code = "gateway_timeout" if timeout else "bad_gateway"
         return GatewayError(code, f"the upstream for {self.route.prefix} {what}",
-                            log_message=f"WebSocket upstream {self.route.upstream} {what}: {exc!r}")
+                            log_message=f"WebSocket upstream {exc}")
 
     def check_origin(self, origin: str) -> bool:
         return True  # decided in prepare(): Origin matters only for cookie-authenticated sockets
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        chosen = self.upstream.selected_subprotocol if self.upstream is not None else None
+        chosen = self.upstream.protocol if self.upstream is not None else None
         return chosen if chosen in subprotocols else None
 
     @property
@@ -147,35 +137,48 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler, ProxyHandler):
 
     async def on_message(self, message: str | bytes) -> None:
         upstream = self.upstream
-        if upstream is None:
-            return
-        try:
-            await upstream.write_message(message, binary=isinstance(message, bytes))
-        except tornado.websocket.WebSocketClosedError:
-            pass  # the pump sees the upstream's close and ends this side
+        if upstream is not None and not upstream.closed:
+            try:
+                await upstream.send(message)
+            except (ConnectionError, RuntimeError):
+                pass  # the pump sees the upstream's close and ends this side
 
     def on_ping(self, data: bytes) -> None:
-        if self.upstream is not None:
-            try:
-                self.upstream.ping(data)
-            except tornado.websocket.WebSocketClosedError:
-                pass
+        # (Tornado has answered it already.)
+        self._to_upstream("ping", data)
+
+    def on_pong(self, data: bytes) -> None:
+        self._to_upstream("pong", data)
+
+    def _to_upstream(self, kind: str, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None and not upstream.closed:
+            send = upstream.ping if kind == "ping" else upstream.pong
+            asyncio.ensure_future(send(data)).add_done_callback(_quiet)
 
     async def _from_upstream(self) -> None:
         upstream = self.upstream
         assert upstream is not None
+        code: int | None = None
+        reason = ""
         while True:
-            message = await upstream.read_message()
-            if message is None:
-                break
+            kind, data, reason = await upstream.receive()
             try:
-                await self.write_message(message, binary=isinstance(message, bytes))
+                if kind == "text":
+                    await self.write_message(data)
+                elif kind == "binary":
+                    await self.write_message(data, binary=True)
+                elif kind == "ping":
+                    self.ping(data)
+                elif kind == "close":
+                    code = data
+                    break
             except tornado.websocket.WebSocketClosedError:
                 return
         if self.ws_connection is not None and self._closing_reason is None:
-            code = upstream.close_code  # None: the upstream went away without a close frame
-            self.close(1011 if code is None else code if code not in (1005, 1006) else None,
-                       upstream.close_reason if code is not None else "the upstream went away")
+            if code is None:  # the upstream went away without a close frame
+                code, reason = 1011, "the upstream went away"
+            self.close(code if code not in (1005, 1006) else None, reason)
 
     def on_close(self) -> None:
         watcher(self.gateway).discard(self)
@@ -187,13 +190,14 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler, ProxyHandler):
             upstream.close(code if code not in (1005, 1006) else None, reason)
         self._not_in_flight()
 
-    def end(self, reason: str) -> None:
-        """The session behind this socket ended: close both sides."""
+    def end(self, reason: str, code: int = SESSION_ENDED) -> None:
+        """Close both sides: the session behind this socket ended (4401 to
+        the client), or the gateway is going away (1001)."""
         self._closing_reason = reason
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.close(GOING_AWAY, reason)
-        self.close(SESSION_ENDED, reason)
+        self.close(code, reason)
 
     def on_connection_close(self) -> None:
         if self.ws_connection is None:
@@ -249,20 +253,43 @@ class SocketWatcher:
                 if principal.session is not None:
                     record = await store.get(principal.session.id)
                     alive = record is not None and _live(Session.from_record(record), now)
+                    if alive and record is not None:
+                        await self._touch(Session.from_record(record), now)
                 else:
                     again = await self.gateway.authenticate_request(handler.request)
                     alive = again is not None and again.user_id == principal.user_id
-            except (StoreUnavailable, GatewayError):
+            except StoreUnavailable:
                 continue  # cannot tell now: keep the socket, look again next time
+            except GatewayError as exc:
+                if exc.status >= 500:
+                    continue
+                alive = False  # the credential is refused now (a revoked or expired key)
             if not alive and handler in self.sockets:
                 self.sockets.discard(handler)
                 handler.end("session ended")
 
+    async def _touch(self, session: Session, now: float) -> None:
+        """An open socket is a user at work: push its session's idle
+        deadline forward, as a request would (at most once per
+        ``touch_interval``; never past the absolute deadline)."""
+        manager = self.gateway.sessions
+        if now - session.last_seen_at < manager.touch_interval:
+            return
+        session.last_seen_at = now
+        session.expires_at = min(now + manager.idle_timeout, session.absolute_expires_at)
+        ttl = max(min(session.expires_at, session.absolute_expires_at) - now, 1.0)
+        await self.gateway.session_store.save(session.to_record(), ttl)
+
     def close_all(self) -> None:
         for handler in list(self.sockets):
-            handler.end("the gateway is stopping")
+            handler.end("the gateway is stopping", GOING_AWAY)
         if self._task is not None:
             self._task.cancel()
+
+
+def _quiet(future: "asyncio.Future[Any]") -> None:
+    if not future.cancelled():
+        future.exception()  # a ping to a closing socket: nothing to do
 
 
 def _live(session: Session, now: float) -> bool:

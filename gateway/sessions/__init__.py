@@ -11,7 +11,9 @@ def open_session_store(settings) -> SessionStore:
     if settings["store"] == "redis":
         from gateway.sessions.redis import RedisSessionStore
 
-        return RedisSessionStore(settings["redis_url"], timeout=settings["redis_timeout"])
+        return RedisSessionStore(settings["redis_url"], timeout=settings["redis_timeout"],
+                                 max_connections=settings["redis_max_connections"],
+                                 pool_timeout=settings["redis_pool_timeout"])
     from gateway.sessions.memory import MemorySessionStore
 
     return MemorySessionStore()

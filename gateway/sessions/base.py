@@ -2,8 +2,10 @@
 
 A stored session is a JSON-able dict (see :class:`gateway.sessions.manager.Session`)
 with at least ``id``, ``user_id``, ``token_hash`` and ``prev_token_hash``.
-The store indexes it three ways: by session id, by the SHA-256 of each live
-token (never by the token itself), and by user (for listings, "logout
+The store indexes it four ways: by session id, by the SHA-256 of each live
+token (never by the token itself), by the SHA-256 of each token ``/refresh``
+replaced that the record still lists in ``superseded_hashes`` (so that a
+replayed old token can end its session), and by user (for listings, "logout
 everywhere" and ``max_per_user``).  Every record and index entry carries a TTL
 so expired sessions vanish on their own.
 
@@ -40,14 +42,22 @@ class SessionStore(abc.ABC):
         """The session that a token hash (current or previous) points at."""
 
     @abc.abstractmethod
+    async def lookup_superseded(self, token_hash: str) -> Record | None:
+        """The session whose ``superseded_hashes`` lists ``token_hash``: a
+        token that ``rotate`` replaced, in its grace period or long after
+        (such an entry lives as long as its session).  ``None`` when no live
+        session lists it."""
+
+    @abc.abstractmethod
     async def get(self, session_id: str) -> Record | None:
         """The session with this id."""
 
     @abc.abstractmethod
     async def save(self, record: Record, ttl: float) -> bool:
         """Overwrite an *existing* session and extend its TTL (and its current
-        token's), but only if the stored record's ``token_hash`` is still
-        ``record["token_hash"]`` (compare and set).  Returns False, writing
+        token's and those of ``record["superseded_hashes"]``), but only if the
+        stored record's ``token_hash`` is still ``record["token_hash"]``
+        (compare and set).  Returns False, writing
         nothing, otherwise: a revoked session is never brought back, and a
         touch racing a ``/refresh`` never undoes the rotation."""
 
@@ -55,13 +65,17 @@ class SessionStore(abc.ABC):
     async def rotate(self, record: Record, ttl: float, grace: float) -> bool:
         """Save ``record`` whose ``token_hash`` is new and whose
         ``prev_token_hash`` is the old one: index the new hash, let the old one
-        live ``grace`` more seconds.  Only if the stored ``token_hash`` is
-        still ``record["prev_token_hash"]``; False (writing nothing) if the
-        session is gone or was rotated meanwhile."""
+        live ``grace`` more seconds, index every hash in
+        ``record["superseded_hashes"]`` for :meth:`lookup_superseded` as long
+        as the session (forgetting those the stored record listed and this one
+        no longer does).  Only if the stored ``token_hash`` is still
+        ``record["prev_token_hash"]``; False (writing nothing) if the session
+        is gone or was rotated meanwhile."""
 
     @abc.abstractmethod
     async def delete(self, session_id: str) -> Record | None:
-        """Remove a session and its token index entries; return it."""
+        """Remove a session and its token index entries (superseded ones
+        too); return it."""
 
     @abc.abstractmethod
     async def list_user(self, user_id: str) -> list[Record]:

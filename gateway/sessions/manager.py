@@ -54,6 +54,11 @@ class Session:
     user_agent: str = ""
     prev_token_hash: str | None = None
     prev_token_expires_at: float = 0.0
+    #: when /refresh last replaced the token
+    rotated_at: float = 0.0
+    #: SHA-256 of the tokens /refresh replaced, oldest first (at most
+    #: SessionManager.KEEP_SUPERSEDED): presenting one to /refresh again ends the session
+    superseded_hashes: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -93,6 +98,10 @@ class SupersededToken(Exception):
 
 
 class SessionManager:
+    #: superseded token hashes remembered per session for reuse detection
+    #: (bounded, so a client refreshing in a loop cannot grow the store)
+    KEEP_SUPERSEDED = 16
+
     def __init__(
         self,
         store: SessionStore,
@@ -198,6 +207,8 @@ class SessionManager:
         token = new_token()
         session.prev_token_hash = session.token_hash
         session.prev_token_expires_at = now + self.rotation_grace
+        session.rotated_at = now
+        session.superseded_hashes = (list(session.superseded_hashes) + [session.token_hash])[-self.KEEP_SUPERSEDED:]
         session.token_hash = hash_token(token)
         session.last_seen_at = now
         session.expires_at = min(now + self.idle_timeout, session.absolute_expires_at)
@@ -207,6 +218,37 @@ class SessionManager:
             raise SupersededToken()  # a concurrent /refresh with the same token won
         await self._emit("gateway_session_refreshed", session=session, previous_session=previous)
         return token, session
+
+    async def find_reused(self, token: str, *, presented_at: float, race_window: float = 0.0) -> Session | None:
+        """Refresh-token reuse detection (OAuth 2.0 Security BCP): the session
+        that ``token`` was a token of before ``/refresh`` replaced it, in its
+        grace period or long after; ``None`` for any other token.  Whoever
+        presents such a token to ``/refresh`` replays an old token (it may
+        have been stolen): end that session with :meth:`end_reused`.
+
+        The token replaced last, presented (the request arrived at
+        ``presented_at``) no later than ``race_window`` seconds after its
+        replacement, is no reuse: a concurrent ``/refresh`` with the same
+        token merely won the race."""
+        if not token or len(token) > 512:
+            return None
+        token_hash = hash_token(token)
+        record = await self.store.lookup_superseded(token_hash)
+        if record is None or hmac.compare_digest(record.get("token_hash") or "", token_hash):
+            return None
+        if not any(hmac.compare_digest(h, token_hash) for h in record.get("superseded_hashes") or []):
+            return None
+        session = Session.from_record(record)
+        if hmac.compare_digest(session.prev_token_hash or "", token_hash) \
+                and presented_at <= session.rotated_at + race_window:
+            return None
+        return session
+
+    async def end_reused(self, session: Session) -> Session | None:
+        """End a session whose replaced token was presented again (reason ``revoked``)."""
+        log.warning("a superseded token of session %s was presented to refresh again: the session is ended",
+                    session.id)
+        return await self.revoke(session.id, "revoked")
 
     async def revoke(self, session_id: str, reason: str) -> Session | None:
         record = await self.store.delete(session_id)

@@ -23,6 +23,8 @@ class MemorySessionStore(SessionStore):
     def __init__(self) -> None:
         self._sessions: dict[str, tuple[Record, float]] = {}
         self._tokens: dict[str, tuple[str, float]] = {}
+        #: hash of a token /refresh replaced -> (session id, deadline)
+        self._superseded: dict[str, tuple[str, float]] = {}
         self._users: dict[str, dict[str, float]] = {}
         self._counters: dict[str, tuple[int, float]] = {}
         self._values: dict[str, tuple[str, float]] = {}
@@ -40,6 +42,8 @@ class MemorySessionStore(SessionStore):
             self._live_session(session_id)
         for token_hash in [h for h, (_, deadline) in self._tokens.items() if deadline <= now]:
             self._tokens.pop(token_hash, None)
+        for token_hash in [h for h, (_, deadline) in self._superseded.items() if deadline <= now]:
+            self._superseded.pop(token_hash, None)
         for key in [k for k, (_, end) in self._counters.items() if end <= now]:
             self._counters.pop(key, None)
         for key in [k for k, (_, end) in self._values.items() if end <= now]:
@@ -61,6 +65,9 @@ class MemorySessionStore(SessionStore):
             h = record.get(key)
             if h and self._tokens.get(h, ("",))[0] == record["id"]:
                 self._tokens.pop(h, None)
+        for h in record.get("superseded_hashes") or []:
+            if self._superseded.get(h, ("",))[0] == record["id"]:
+                self._superseded.pop(h, None)
         users = self._users.get(record["user_id"])
         if users is not None:
             users.pop(record["id"], None)
@@ -93,6 +100,19 @@ class MemorySessionStore(SessionStore):
         record = self._live_session(session_id)
         return copy.deepcopy(record) if record is not None else None
 
+    async def lookup_superseded(self, token_hash: str) -> Record | None:
+        item = self._superseded.get(token_hash)
+        if item is None:
+            return None
+        session_id, deadline = item
+        if deadline <= time.time():
+            self._superseded.pop(token_hash, None)
+            return None
+        record = self._live_session(session_id)
+        if record is None or token_hash not in (record.get("superseded_hashes") or []):
+            return None
+        return copy.deepcopy(record)
+
     async def get(self, session_id: str) -> Record | None:
         record = self._live_session(session_id)
         return copy.deepcopy(record) if record is not None else None
@@ -107,6 +127,12 @@ class MemorySessionStore(SessionStore):
         deadline = time.time() + ttl
         self._sessions[record["id"]] = (copy.deepcopy(record), deadline)
         self._tokens[record["token_hash"]] = (record["id"], deadline)
+        keep = set(record.get("superseded_hashes") or [])
+        for h in keep:
+            self._superseded[h] = (record["id"], deadline)
+        for h in current.get("superseded_hashes") or []:
+            if h not in keep and self._superseded.get(h, ("",))[0] == record["id"]:
+                self._superseded.pop(h, None)
         return True
 
     async def rotate(self, record: Record, ttl: float, grace: float) -> bool:

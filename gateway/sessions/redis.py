@@ -1,14 +1,19 @@
 """Redis session store (``redis.asyncio``), for production and several processes.
 
 Keys (``gw:`` prefix): ``s:<id>`` the session JSON, ``t:<sha256 of token>``
-the session id, ``u:<user id>`` a sorted set of the user's session ids by
-creation time, ``c:<name>`` counters, ``v:<name>`` small shared values.  Every key carries a TTL.  Operations
-that touch several keys run as Lua scripts, so they are atomic and cost one
-round trip.
+the session id, ``r:<sha256 of a superseded token>`` the session id (for
+refresh-token reuse detection; as long-lived as the session), ``u:<user id>``
+a sorted set of the user's session ids by creation time, ``c:<name>``
+counters, ``v:<name>`` small shared values.  Every key carries a TTL.
+Operations that touch several keys run as Lua scripts, so they are atomic and
+cost one round trip.
 
 Connection failures surface quickly (short socket timeouts, at most one
 retry) as :class:`gateway.errors.StoreUnavailable`; the client reconnects on
-its own when Redis is back.
+its own when Redis is back.  Connections come from a blocking pool of
+``max_connections``: a request beyond them waits up to ``pool_timeout`` for a
+free one (then StoreUnavailable), so a burst of requests queues instead of
+failing while Redis is healthy.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ if max > 0 and #live > max then
       local rec = cjson.decode(raw)
       if type(rec.token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.token_hash) end
       if type(rec.prev_token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.prev_token_hash) end
+      if type(rec.superseded_hashes) == 'table' then
+        for _, h in ipairs(rec.superseded_hashes) do redis.call('DEL', p..'r:'..h) end
+      end
       table.insert(evicted, raw)
     end
   end
@@ -69,8 +77,24 @@ local p = ARGV[4]
 -- compare and set: only over the record whose current token the caller read
 local cur = redis.call('GET', p..'s:'..ARGV[1])
 if not cur then return 0 end
-if cjson.decode(cur).token_hash ~= ARGV[10] then return 0 end
+local old = cjson.decode(cur)
+if old.token_hash ~= ARGV[10] then return 0 end
 redis.call('SET', p..'s:'..ARGV[1], ARGV[2], 'PX', ARGV[3])
+-- superseded tokens stay known as long as the session (reuse detection);
+-- those the record no longer lists are forgotten
+local keep = {}
+local rec = cjson.decode(ARGV[2])
+if type(rec.superseded_hashes) == 'table' then
+  for _, h in ipairs(rec.superseded_hashes) do
+    keep[h] = true
+    redis.call('SET', p..'r:'..h, ARGV[1], 'PX', ARGV[3])
+  end
+end
+if type(old.superseded_hashes) == 'table' then
+  for _, h in ipairs(old.superseded_hashes) do
+    if not keep[h] then redis.call('DEL', p..'r:'..h) end
+  end
+end
 redis.call('SET', p..'t:'..ARGV[5], ARGV[1], 'PX', ARGV[3])
 -- keep the user index alive as long as this session (a touch can outlive its first TTL)
 local ukey = p..'u:'..ARGV[8]
@@ -94,6 +118,9 @@ redis.call('DEL', p..'s:'..ARGV[2])
 local rec = cjson.decode(raw)
 if type(rec.token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.token_hash) end
 if type(rec.prev_token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.prev_token_hash) end
+if type(rec.superseded_hashes) == 'table' then
+  for _, h in ipairs(rec.superseded_hashes) do redis.call('DEL', p..'r:'..h) end
+end
 if type(rec.user_id) == 'string' then redis.call('ZREM', p..'u:'..rec.user_id, ARGV[2]) end
 return raw
 """
@@ -118,16 +145,23 @@ class RedisSessionStore(SessionStore):
     name = "redis"
     shared = True
 
-    def __init__(self, url: str, timeout: float = 0.5, prefix: str = PREFIX) -> None:
+    def __init__(self, url: str, timeout: float = 0.5, prefix: str = PREFIX, *,
+                 max_connections: int = 1000, pool_timeout: float = 1.0) -> None:
         self._url = url
         self._timeout = timeout
+        self._max_connections = max_connections
+        self._pool_timeout = pool_timeout
         self._prefix = prefix
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
 
     async def open(self) -> None:
-        self._client = aioredis.from_url(
+        # redis-py's default pool fails at once beyond its 100 connections;
+        # this one waits (bounded) for a connection to come back.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self._url,
+            max_connections=self._max_connections,
+            timeout=self._pool_timeout,
             socket_connect_timeout=self._timeout,
             socket_timeout=self._timeout,
             retry=Retry(NoBackoff(), 1),
@@ -135,6 +169,7 @@ class RedisSessionStore(SessionStore):
             health_check_interval=30,
             decode_responses=True,
         )
+        self._client = aioredis.Redis.from_pool(pool)
         for name, src in (("create", _CREATE), ("lookup", _LOOKUP), ("save", _SAVE), ("delete", _DELETE), ("hit", _HIT),
                           ("delete_if", _DELETE_IF)):
             self._scripts[name] = self._client.register_script(src)
@@ -173,6 +208,13 @@ class RedisSessionStore(SessionStore):
     async def lookup(self, token_hash: str) -> Record | None:
         raw = await self._run("lookup", [f"{self._prefix}t:{token_hash}"], [self._prefix])
         return json.loads(raw) if raw else None
+
+    async def lookup_superseded(self, token_hash: str) -> Record | None:
+        raw = await self._run("lookup", [f"{self._prefix}r:{token_hash}"], [self._prefix])
+        record = json.loads(raw) if raw else None
+        if record is None or token_hash not in (record.get("superseded_hashes") or []):
+            return None
+        return record
 
     async def get(self, session_id: str) -> Record | None:
         try:
