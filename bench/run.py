@@ -24,7 +24,8 @@ Environment: ``BENCH_DURATION`` (seconds per wrk figure, default 10),
 each row keeping its median round; for a busy machine),
 ``BENCH_WS_DURATION`` (5), ``BENCH_LOGIN_DURATION`` (5), ``BENCH_BIG_SIZE``
 (bytes or e.g. ``1GiB``), ``BENCH_ONLY`` (comma-separated row keys; all by
-default), ``BENCH_RESULTS`` (output file, default ``bench/results.json``).
+default), ``BENCH_RESULTS`` (output file, default ``bench/results.json``),
+``BENCH_EVENT_LOOP`` (the gateway's ``server.event_loop``, default asyncio).
 
 Row keys: ``nginx`` (the upstream alone, for context), ``baseline`` (the bare
 proxy), ``public`` (/pub/), ``auth`` (/api/, Bearer session), ``apikey``
@@ -94,6 +95,8 @@ BIG_SIZE = _size("BENCH_BIG_SIZE", 1 << 30)
 BIG_TIMEOUT = 150.0
 REDIS_REQUESTS = 2000
 REDIS_CLIENTS = 8
+#: the gateway's event loop (``BENCH_EVENT_LOOP``: asyncio or uvloop)
+EVENT_LOOP = os.environ.get("BENCH_EVENT_LOOP", "asyncio")
 ONLY = {k.strip() for k in os.environ.get("BENCH_ONLY", "").split(",") if k.strip()}
 RESULTS = Path(os.environ.get("BENCH_RESULTS") or BENCH / "results.json")
 PASSWORD = "bench-password-1"
@@ -364,7 +367,8 @@ def gateway_config(tmp: Path, up: Upstreams, port: int, workers: int) -> dict[st
         routes.append({"prefix": "/big/", "upstream": up.big, "auth": "public", "max_body_size": 0,
                        "connect_timeout": "5s", "request_timeout": "120s", "read_timeout": "60s"})
     return {
-        "server": {"host": "127.0.0.1", "port": port, "workers": workers, "shutdown_timeout": "2s"},
+        "server": {"host": "127.0.0.1", "port": port, "workers": workers, "shutdown_timeout": "2s",
+                   "event_loop": EVENT_LOOP},
         "sessions": {"store": "redis", "redis_url": f"redis://127.0.0.1:{up.redis_port}/0",
                      "idle_timeout": "1h", "touch_interval": "10m", "cookie_secure": False},
         "profiles": {"store": "sqlite", "sqlite_path": str(tmp / "profiles.db")},
