@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tornado.curl_httpclient import CurlAsyncHTTPClient
+import aiohttp
 
 from conftest import ROOT, Client, body
 
@@ -180,17 +180,22 @@ async def test_two_workers_each_serve_a_real_share_of_a_burst_of_connections(tmp
         # (1280 in all, to 127.0.0.1).  One shared accepting socket lets the
         # first worker awake take most of such a burst; each worker's own
         # SO_REUSEPORT socket gets about half of the connections.
-        http = CurlAsyncHTTPClient(force_instance=True, max_clients=64)
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
+                                     timeout=aiohttp.ClientTimeout(total=20))
+
+        async def one(url: str) -> int:
+            async with http.get(url) as r:
+                await r.read()
+                return r.status
+
         answers: list[int] = []
         try:
             for n in range(20):
-                rs = await asyncio.gather(*(http.fetch(f"{served.url}/public/w?c={i}&n={n}", raise_error=False,
-                                                       request_timeout=20) for i in range(64)))
-                answers += [r.code for r in rs]
+                answers += await asyncio.gather(*(one(f"{served.url}/public/w?c={i}&n={n}") for i in range(64)))
                 if n == 0:  # the 64 connections are open (idle in the client's pool): who accepted them?
                     held = accepted_connections(served.port, workers)
         finally:
-            http.close()
+            await http.close()
         used = {pid: cpu_ticks(pid) - before[pid] for pid in workers}
         assert children_of(served.proc.pid) == workers or set(children_of(served.proc.pid)) == set(workers)
     finally:
