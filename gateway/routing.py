@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import quote, urlsplit
 
 from gateway.config import Section
@@ -39,7 +40,7 @@ class Route:
     def matches(self, path: str, fold_case: bool = False) -> bool:
         """Does ``path`` lie under this route (``fold_case``: ``path`` is
         already folded, compare with the folded prefix)?"""
-        prefix = fold(self.prefix) if fold_case else self.prefix
+        prefix = self.folded_prefix if fold_case else self.prefix
         if prefix.endswith("/"):
             return path.startswith(prefix) or path == prefix[:-1]
         return path == prefix or path.startswith(prefix + "/")
@@ -58,6 +59,10 @@ class Route:
         url = base.scheme + "://" + base.netloc + base.path.rstrip("/") + path
         return url + ("?" + query if query else "")
 
+    @cached_property
+    def folded_prefix(self) -> str:
+        return fold(self.prefix)
+
     @property
     def upstream_host(self) -> str:
         return urlsplit(self.upstream).netloc
@@ -66,7 +71,7 @@ class Route:
 class RouteTable:
     def __init__(self, routes: list[Route]) -> None:
         self.routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
-        self._folded = sorted(routes, key=lambda r: len(fold(r.prefix)), reverse=True)
+        self._folded = sorted(routes, key=lambda r: len(r.folded_prefix), reverse=True)
 
     def match(self, path: str, fold_case: bool = False) -> Route | None:
         """The longest-prefix route for ``path`` (``fold_case``: ``path`` as

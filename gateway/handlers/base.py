@@ -62,12 +62,10 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def count_in_flight(self) -> None:
         """Count this request as in flight until it finishes or its client
-        leaves; while the gateway drains, tell the client to close."""
-        gateway = self.gateway
-        gateway.requests_in_flight += 1
+        leaves (while the gateway drains, :meth:`flush` tells the client to
+        close)."""
+        self.gateway.requests_in_flight += 1
         self._in_flight = True
-        if gateway.draining:
-            self.set_header("Connection", "close")
 
     #: the response head went out (set by :meth:`flush`, which finish() calls)
     head_sent = False

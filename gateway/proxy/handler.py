@@ -148,13 +148,19 @@ class ProxyHandler(BaseHandler):
 
     # -- 1. the head ---------------------------------------------------------------
 
-    async def prepare(self) -> None:
+    def find_route(self) -> Route:
+        """Count the request in flight and find its route (404 without one;
+        400 for a path an upstream could read as another route's)."""
         self.count_in_flight()
-        request = self.request
-        route = policy.route_for(self.gateway.routes, request.path)
+        route = policy.route_for(self.gateway.routes, self.request.path)
         if route is None:
-            raise not_found(f"no route for {request.path}")
+            raise not_found(f"no route for {self.request.path}")
         self.route = route
+        return route
+
+    async def prepare(self) -> None:
+        route = self.find_route()
+        request = self.request
         headers = request.headers
         length = headers.get("Content-Length")
         chunked = "Transfer-Encoding" in headers
@@ -245,13 +251,13 @@ class ProxyHandler(BaseHandler):
         request = self.request
         strip = {policy.canonical(h) for h in (principal.headers_to_strip if principal else ())}
         strip.update(policy.canonical(h) for h in self.credential_headers())
-        strip.update(self.gateway.reserved_headers)
         trusted = self.peer_is_trusted
         identity = policy.identity_headers(principal.user_id, principal.provider, principal.session_id,
                                            principal.scopes) if principal is not None else []
         out = policy.upstream_request_headers(
             list(request.headers.get_all()),
             strip=strip,
+            reserved=self.gateway.reserved_headers,
             cookie_name=self.gateway.config.sessions.cookie_name,
             peer_trusted=trusted,
             prior_forwarded_for=",".join(request.headers.get_list("X-Forwarded-For")) if trusted else "",
@@ -424,7 +430,7 @@ class ProxyHandler(BaseHandler):
     def _cut(self, response: UpstreamResponse, why: str) -> None:
         """Part of the response went out: all we can do is cut it short."""
         response.close(abort=True)
-        log.warning("upstream %s failed mid-response for %s %s: %s", response_name(response, self.route),
+        log.warning("upstream %s failed mid-response for %s %s: %s", self.route.upstream,
                     self.request.method, self.request.path, why)
         self._close_connection()
 
@@ -456,10 +462,6 @@ class ProxyHandler(BaseHandler):
             self._close_connection()
             return
         self.send_error(error.status, exc_info=(GatewayError, error, None))
-
-
-def response_name(response: UpstreamResponse, route: Route) -> str:
-    return route.upstream
 
 
 def policy_is_preflight(request: tornado.httputil.HTTPServerRequest) -> bool:

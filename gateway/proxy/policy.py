@@ -159,6 +159,7 @@ def upstream_request_headers(
     incoming: Sequence[tuple[str, str]],
     *,
     strip: set[str] | frozenset[str],
+    reserved: frozenset[str] = frozenset(),
     cookie_name: str,
     peer_trusted: bool,
     prior_forwarded_for: str,
@@ -172,13 +173,15 @@ def upstream_request_headers(
 ) -> Headers:
     """The headers sent upstream: the client's, minus hop-by-hop ones, the
     gateway-owned names, client facts from untrusted peers, credentials
-    (``strip``: canonical names) and the gateway's cookie; then the
+    (``strip``: canonical names), names providers reserve (``reserved``)
+    and the gateway's cookie; then the
     ``X-Forwarded-*`` chain, ``X-Request-Id``, ``Host`` and the identity."""
     listed = connection_listed(incoming)
     out: Headers = []
     for name, value in incoming:
         key = canonical(name)
-        if key in HOP_BY_HOP or key in GATEWAY_OWNED or key in DROPPED or key in strip or key in listed:
+        if key in HOP_BY_HOP or key in GATEWAY_OWNED or key in DROPPED or key in strip or key in reserved \
+                or key in listed:
             continue
         if websocket and key in WEBSOCKET_HANDSHAKE:
             continue

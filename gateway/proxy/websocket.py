@@ -28,8 +28,7 @@ import tornado.routing
 import tornado.web
 import tornado.websocket
 
-from gateway.errors import GatewayError, StoreUnavailable, invalid_request, not_found
-from gateway.proxy import policy
+from gateway.errors import GatewayError, StoreUnavailable, invalid_request
 from gateway.proxy.handler import ProxyHandler
 from gateway.proxy.upstream import UpstreamError, UpstreamFailed, UpstreamSocket, UpstreamTimeout
 from gateway.requestinfo import Principal
@@ -67,12 +66,8 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler, ProxyHandler):
     # -- before the upgrade --------------------------------------------------------
 
     async def prepare(self) -> None:
-        self.count_in_flight()
+        route = self.find_route()
         request = self.request
-        route = policy.route_for(self.gateway.routes, request.path)
-        if route is None:
-            raise not_found(f"no route for {request.path}")
-        self.route = route
         if not route.websocket:
             raise invalid_request(f"the route {route.prefix} does not accept WebSocket upgrades")
         if request.method != "GET":
@@ -252,9 +247,10 @@ class SocketWatcher:
             try:
                 if principal.session is not None:
                     record = await store.get(principal.session.id)
-                    alive = record is not None and _live(Session.from_record(record), now)
-                    if alive and record is not None:
-                        await self._touch(Session.from_record(record), now)
+                    session = Session.from_record(record) if record is not None else None
+                    alive = session is not None and _live(session, now)
+                    if session is not None and alive:
+                        await self._touch(session, now)
                 else:
                     again = await self.gateway.authenticate_request(handler.request)
                     alive = again is not None and again.user_id == principal.user_id
