@@ -37,6 +37,32 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------
+# processes, as /proc shows them
+# ---------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+# ---------------------------------------------------------------------------
 # redis-server
 # ---------------------------------------------------------------------------
 
@@ -96,6 +122,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def session_section(request) -> dict[str, Any]:
+    """The [sessions] store settings, once for each store."""
+    if request.param == "redis":
+        return {"store": "redis", "redis_url": request.getfixturevalue("redis_url")}
+    return {"store": "memory"}
 
 
 @pytest.fixture

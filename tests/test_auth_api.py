@@ -43,14 +43,6 @@ def start(make_gateway, upstream, tmp_path):
     return _start
 
 
-@pytest.fixture(params=["memory", "redis"])
-def session_section(request) -> dict[str, Any]:
-    """The [sessions] store settings, once for each store."""
-    if request.param == "redis":
-        return {"store": "redis", "redis_url": request.getfixturevalue("redis_url")}
-    return {"store": "memory"}
-
-
 @pytest.fixture
 def sgw(start, session_section, io_loop):
     """The default test gateway, once with each session store."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Client, body, free_port
+from conftest import ROOT, Client, body, children_of, free_port
 
 EXAMPLE_PKG = ROOT / "tests" / "plugins" / "gateway_example_provider"
 SECRET = "example-shared-secret-for-tests"
@@ -87,19 +87,6 @@ def test_check_config_sees_the_installed_third_party_provider(example_site, tmp_
                              env=env, capture_output=True, text=True)
     assert missing.returncode == 2
     assert "providers.example" in missing.stderr
-
-
-def children_of(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(pid):
-            found.append(int(status.parent.name))
-    return found
 
 
 def stop(proc: subprocess.Popen) -> tuple[str, str]:

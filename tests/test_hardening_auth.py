@@ -27,13 +27,6 @@ LOGIN = "/auth/password/login"
 BOGUS = "gws_" + "B" * 43
 
 
-@pytest.fixture(params=["memory", "redis"])
-def session_section(request) -> dict[str, Any]:
-    if request.param == "redis":
-        return {"store": "redis", "redis_url": request.getfixturevalue("redis_url")}
-    return {"store": "memory"}
-
-
 @pytest.fixture
 def start(make_gateway, upstream, tmp_path):
     async def _start(*, pm: Any = None, **sections: Any):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import aiohttp
 
-from conftest import ROOT, Client, body
+from conftest import ROOT, Client, body, children_of
 
 GATEWAY = str(ROOT / "bin" / "gateway")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -105,18 +105,6 @@ async def start_gateway(tmp_path: Path, cfg: Path, *, prefix: list[str] = (), en
         await asyncio.sleep(0.05)
     served.stop()
     raise AssertionError("the gateway did not start listening: " + served.log())
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(pid):
-            found.append(int(status.parent.name))
-    return found
 
 
 def accepted_connections(port: int, pids: list[int]) -> dict[int, int]:

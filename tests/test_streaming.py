@@ -33,7 +33,7 @@ import pytest
 import tornado.httpclient
 import tornado.httputil
 
-from conftest import FAST_ARGON2, ROOT, base_config, body, free_port
+from conftest import FAST_ARGON2, ROOT, base_config, body, free_port, rss_bytes
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -481,10 +481,7 @@ class GatewayProcess:
 
     def rss(self) -> int:
         """VmRSS in bytes."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        return rss_bytes(self.pid)
 
     async def stop(self, timeout: float = 15.0) -> float:
         """SIGTERM; the seconds it took to exit.  One that does not exit

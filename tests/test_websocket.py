@@ -21,10 +21,8 @@ import json
 import os
 import resource
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +35,8 @@ import tornado.httputil
 import tornado.web
 import tornado.websocket
 
-from conftest import ROOT, Client, RedisServer, assert_error, base_config, body, cookie_value, free_port
+from conftest import (ROOT, Client, RedisServer, assert_error, base_config, body, children_of, cookie_value,
+                      free_port, rss_bytes)
 
 GATEWAY = str(ROOT / "bin" / "gateway")
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -438,25 +437,6 @@ time_cost = 1
 memory_cost = 64
 parallelism = 1
 """)
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(pid):
-            found.append(int(status.parent.name))
-    return found
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 async def wait_listening(proc: subprocess.Popen, port: int) -> None:
