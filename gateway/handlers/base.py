@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import secrets
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -272,7 +273,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self._client_ip = ip
         return ip
 
-    @property
+    @cached_property
     def peer_is_trusted(self) -> bool:
         trusted = self.gateway.config.server.trusted_proxies
         return bool(trusted) and _in_networks(self.request.remote_ip or "", trusted)

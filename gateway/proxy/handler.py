@@ -136,6 +136,8 @@ class ProxyHandler(BaseHandler):
 
     route: Route
     _exchange: "asyncio.Task[None] | None" = None
+    _running: "asyncio.Task[Any] | None" = None
+    _client_left = False
     _channel: BodyChannel | None = None
     _received = 0
 
@@ -188,9 +190,11 @@ class ProxyHandler(BaseHandler):
             if connection is not None:
                 connection.set_max_body_size(2 * limit + 65536 if limit else UNLIMITED)
             self._channel = BodyChannel(route.read_timeout, self._body_complete)
-        self._exchange = asyncio.ensure_future(self._forward(upstream_headers, self._channel))
-        if has_body:
+            # The body flows while the exchange runs: the exchange gets a task of its own.
+            self._exchange = asyncio.ensure_future(self._forward(upstream_headers, self._channel))
             self._exchange.add_done_callback(self._exchange_done)
+        else:
+            self._upstream_request_headers = upstream_headers
 
     async def admit(self, route: Route, *, websocket: bool = False) -> Principal | None:
         """Who is calling, and may they use ``route``?  Refuses credentials
@@ -310,15 +314,29 @@ class ProxyHandler(BaseHandler):
             self._channel.close()
 
     async def _handle(self, *args: Any) -> None:
-        if self._channel is not None:
-            self._channel.end()
-        task = self._exchange
-        if task is None:
+        if self._channel is None:
+            headers = getattr(self, "_upstream_request_headers", None)
+            if headers is None:
+                return  # answered in prepare() (a preflight)
+            # No body: the exchange runs right here, in the request's own task,
+            # which on_connection_close() cancels when the client leaves.
+            task = self._running = asyncio.current_task()
+            try:
+                await self._forward(headers, None)
+            except asyncio.CancelledError:
+                if self._client_left and task is not None and task.uncancel() == 0:
+                    return  # our own abort: nobody is left to answer
+                raise
+            finally:
+                self._running = None
             return
+        self._channel.end()
+        exchange = self._exchange
         try:
-            await task
+            if exchange is not None:
+                await exchange
         except asyncio.CancelledError:
-            if task.cancelled() and not _cancelling():
+            if exchange is not None and exchange.cancelled() and not _cancelling():
                 return  # aborted by us: the client left, or the body was refused
             raise
         finally:
@@ -328,9 +346,12 @@ class ProxyHandler(BaseHandler):
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
+        self._client_left = True
         if self._channel is not None and not self._channel.ended:
             self._channel.abort()
         self._abort_exchange()
+        if self._running is not None:
+            self._running.cancel()
 
     def _abort_exchange(self) -> None:
         task = self._exchange
@@ -340,46 +361,51 @@ class ProxyHandler(BaseHandler):
     # -- 3. the response ---------------------------------------------------------------
 
     async def _forward(self, headers: list[tuple[str, str]], channel: BodyChannel | None) -> None:
+        """The exchange, under one deadline: ``request_timeout`` for the
+        response head (counted from the end of the body when there is one),
+        then ``read_timeout`` for each part of the response body."""
         route = self.route
         request = self.request
-        method = request.method or "GET"
         pool = self.gateway.upstream_client.pool(route.upstream)
         url = route.upstream_url(request.path, request.query)
+        loop = asyncio.get_running_loop()
+        response: UpstreamResponse | None = None
         try:
-            if channel is None:
-                response = await pool.send(method, url, headers, None, connect_timeout=route.connect_timeout,
-                                           request_timeout=route.request_timeout)
-            else:
-                async with asyncio.timeout(None) as self._deadline:
-                    response = await pool.send(method, url, headers, channel.chunks(),
-                                               connect_timeout=route.connect_timeout,
-                                               request_timeout=route.request_timeout, deadline=self._deadline)
+            async with asyncio.timeout_at(None if channel else loop.time() + route.request_timeout) as deadline:
+                self._deadline = deadline
+                response = await pool.send(request.method or "GET", url, headers,
+                                           channel.chunks() if channel is not None else None,
+                                           connect_timeout=route.connect_timeout,
+                                           request_timeout=route.request_timeout, deadline=deadline)
+                if channel is not None and channel.stalled:
+                    return self._client_stalled()
+                await self._relay(response, deadline)
         except UpstreamError as exc:
-            return self._failed(exc)
-        except TimeoutError:  # the deadline for the head, once the body was sent
-            return self._failed(UpstreamTimeout(pool.name, f"no response within {route.request_timeout:g}s"))
+            if response is None:
+                return self._failed(exc)
+            return self._cut(exc.detail)
+        except TimeoutError:
+            if response is None:  # no head within request_timeout
+                return self._failed(UpstreamTimeout(pool.name, f"no response within {route.request_timeout:g}s"))
+            return self._cut(f"sent nothing for {route.read_timeout:g}s mid-response")
         except ClientStalled:
             return self._client_stalled()
         except BodyAborted:
             return  # already answered (413) or nobody left to answer
-        if channel is not None and channel.stalled:
-            response.close(abort=True)
-            return self._client_stalled()
-        try:
-            await self._relay(response)
         finally:
-            response.close(abort=True)  # a no-op once released
+            if response is not None:
+                response.close(abort=True)  # a no-op once released
 
     def _client_stalled(self) -> None:
         log.info("%s %s: the client sent nothing for %gs; request cut off", self.request.method,
                  self.request.path, self.route.read_timeout)
         self._close_connection()
 
-    async def _relay(self, response: UpstreamResponse) -> None:
+    async def _relay(self, response: UpstreamResponse, deadline: asyncio.Timeout) -> None:
+        """Write the response as it arrives; ``deadline`` bounds each wait
+        for the upstream, never a wait for the client."""
         self._start_response(response)
-        request_method = self.request.method
-        status = response.status
-        if request_method == "HEAD" or status in (204, 304):
+        if self.request.method == "HEAD" or response.status in (204, 304):
             response.close()
             self.finish()
             return
@@ -388,31 +414,22 @@ class ProxyHandler(BaseHandler):
         read_timeout = self.route.read_timeout
         sent = 0
         try:
-            async with asyncio.timeout(None) as deadline:
-                while True:
-                    deadline.reschedule(loop.time() + read_timeout)
-                    chunk = await response.read()
-                    deadline.reschedule(None)
-                    if not chunk:
-                        break
-                    sent += len(chunk)
-                    self.write(chunk)
-                    if expected is not None and sent >= expected:
-                        break  # the whole body: finish() sends it with the head
-                    await self.flush()
-        except TimeoutError:
-            return self._cut(response, f"sent nothing for {read_timeout:g}s mid-response")
-        except UpstreamFailed as exc:
-            return self._cut(response, exc.detail)
-        except tornado.iostream.StreamClosedError:
-            response.close(abort=True)
-            return  # the client left
-        response.close()
-        if not self.response_finished:
-            try:
+            while True:
+                deadline.reschedule(loop.time() + read_timeout)
+                chunk = await response.read()
+                deadline.reschedule(None)
+                if not chunk:
+                    break
+                sent += len(chunk)
+                self.write(chunk)
+                if expected is not None and sent >= expected:
+                    break  # the whole body: finish() sends it with the head
+                await self.flush()
+            response.close()
+            if not self.response_finished:
                 self.finish()
-            except tornado.iostream.StreamClosedError:
-                pass
+        except tornado.iostream.StreamClosedError:
+            return  # the client left
 
     def _start_response(self, response: UpstreamResponse) -> None:
         code = response.status
@@ -427,9 +444,8 @@ class ProxyHandler(BaseHandler):
                                                              self.gateway.config.sessions.cookie_name):
             self.add_header(name, value)
 
-    def _cut(self, response: UpstreamResponse, why: str) -> None:
+    def _cut(self, why: str) -> None:
         """Part of the response went out: all we can do is cut it short."""
-        response.close(abort=True)
         log.warning("upstream %s failed mid-response for %s %s: %s", self.route.upstream,
                     self.request.method, self.request.path, why)
         self._close_connection()
