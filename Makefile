@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test redis-server bench-tools bench clean check-config
+.PHONY: install run typecheck test redis-server bench-tools bench clean check-config docs
 
 install: $(STAMP)
 
@@ -29,7 +29,11 @@ redis-server:
 	}
 	@redis-server --version
 
-test: install redis-server
+# mypy --strict over gateway/ and plugins/ (settings: [mypy] in setup.cfg).
+typecheck: install
+	$(BIN)/python -m mypy
+
+test: install typecheck redis-server
 	$(BIN)/python -m pytest -rs $(PYTEST_ARGS)
 
 # nginx (the upstream) and wrk (the load) for `make bench`, with apt when missing.
@@ -47,6 +51,10 @@ bench-tools: redis-server
 # Figures, ratios and bench/results.json; BENCH_DURATION=10 BENCH_CONNECTIONS=16 and more: see bench/run.py.
 bench: install bench-tools
 	$(BIN)/python bench/run.py
+
+# docs/configuration.md, generated from the declared options (tests/test_docs.py checks it).
+docs: install
+	$(BIN)/python -m gateway.reference > docs/configuration.md.tmp && mv docs/configuration.md.tmp docs/configuration.md
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -20,6 +20,7 @@ import tornado.httpclient
 import tornado.httpserver
 
 from gateway.app import Gateway
+from gateway.web import make_app
 from gateway.config import load_config
 
 
@@ -48,7 +49,7 @@ async def main(rounds: int) -> None:
             "providers": {"password": {"max_failures": 10 * rounds + 10}},
         }))
         await gw.start()
-        server = tornado.httpserver.HTTPServer(gw.make_app())
+        server = tornado.httpserver.HTTPServer(make_app(gw))
         server.listen(port, "127.0.0.1")
         client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
         base = f"http://127.0.0.1:{port}/auth/password"

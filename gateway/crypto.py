@@ -1,7 +1,7 @@
 """Sealing small secrets kept in session data (AES-256-GCM, pycryptodome).
 
-A provider that must keep a secret in the gateway session (WeChat's
-``session_key``, say) seals it first, so that a dump of the session store
+A provider that must keep a secret in the gateway session (an identity
+provider's session key, say) seals it first, so that a dump of the session store
 does not reveal it.  The key is ``[sessions] encryption_key``: base64 of 32
 random bytes (``python -c "import base64, os; print(base64.b64encode(os.urandom(32)).decode())"``).
 

@@ -2,145 +2,84 @@
 
 A plugin is a module (or object) with functions decorated by
 :data:`gateway.hookimpl`, named after the hooks below, found through the
-``gateway.plugins`` setuptools entry-point group.  The built-in providers in
-``plugins/`` are registered through that same group.
+``gateway.plugins`` entry-point group; the built-in providers in
+``plugins/`` are registered through that same group.  Hooks are for what
+cuts across providers; what one provider does is a method of its
+:class:`gateway.api.Provider` class.
 
-Hooks are always called with keyword arguments, so an implementation may ask
-for any subset of a hook's arguments, and a hook can gain arguments later
-without breaking plugins.  Any hook may return a plain value or an awaitable,
-except the two called while the gateway is built (``gateway_providers``,
-``gateway_handlers``), which answer synchronously.  Hook wrappers are not
-supported.
-Every hook name starts with ``gateway_``; a misspelt implementation is a
-start-up error.
+Hooks are called with keyword arguments, so an implementation may ask for
+any subset of a hook's arguments.  Any hook may return a plain value or an
+awaitable, except those called while the gateway or the command line is
+built (``gateway_providers``, ``gateway_handlers``, ``gateway_commands``),
+which answer synchronously.  Hook wrappers are not supported.  Every hook
+name starts with ``gateway_``; a misspelt implementation is a start-up error.
+The contracts are documented, with examples, in docs/plugins.md.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable, Iterable
+from typing import Any, Awaitable, Iterable
 
 import pluggy
+import tornado.httputil
 
-if TYPE_CHECKING:  # pragma: no cover
-    from gateway.app import Gateway
-    from gateway.providers import Provider
-    from gateway.routing import Route
-    from gateway.sessions.manager import Session
-    from gateway.requestinfo import Principal
-    import tornado.httputil
+from gateway.api import Command, Principal, Provider, RouteView, Services, SessionView
 
 PROJECT = "gateway"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-# ---------------------------------------------------------------------------
-# Identity providers
-# ---------------------------------------------------------------------------
+@hookspec
+def gateway_providers() -> "Iterable[type[Provider]] | None":
+    """Identity provider classes (:class:`gateway.api.Provider` subclasses)."""
 
 
 @hookspec
-def gateway_providers(gateway: "Gateway") -> "Iterable[Provider] | None":
-    """Contribute identity providers.
-
-    Return a list of :class:`gateway.providers.Provider` *subclasses*
-    (synchronously: this is called while the gateway is built).  Each is
-    configured by the ``[providers.<name>]`` table, validated against
-    ``cls.options``, instantiated each time a gateway is built (keep side
-    effects in ``Provider.setup``) and served at
-    ``POST {auth_prefix}/{cls.name}/login``.  Two providers with the same
-    name are a start-up error.
-    """
+def gateway_commands() -> "Iterable[Command] | None":
+    """``gateway <name> ...`` subcommands (:class:`gateway.api.Command`)."""
 
 
 @hookspec(firstresult=True)
 def gateway_authenticate(
-    request: "tornado.httputil.HTTPServerRequest", gateway: "Gateway"
+    request: tornado.httputil.HTTPServerRequest, gateway: Services
 ) -> "Principal | Awaitable[Principal | None] | None":
-    """Authenticate a request that carries no valid session (an API key, say).
-
-    Called when the request presents no live gateway session: no token, or a
-    stale cookie (a request with a stale *Bearer* gateway token is not offered
-    to plugins); and first, before the session, when a provider's
-    ``credential_headers`` names a header of this request that also carries
-    a session cookie (the explicit credential speaks for the request).
-    Return a
-    :class:`gateway.requestinfo.Principal` to accept it, ``None`` to pass, or
-    raise :class:`gateway.errors.GatewayError` to refuse it.  Stops at the
-    first non-``None`` result.
-    """
-
-
-# ---------------------------------------------------------------------------
-# Session lifecycle events
-# ---------------------------------------------------------------------------
+    """Authenticate a request no session and no provider accepted; the first
+    non-``None`` :class:`gateway.api.Principal` wins."""
 
 
 @hookspec
-def gateway_session_created(session: "Session", gateway: "Gateway") -> "Awaitable[None] | None":
-    """A session was created by a login.  Every implementation is called;
-    a failing one is logged and does not undo the login."""
+def gateway_session_created(session: SessionView, gateway: Services) -> "Awaitable[None] | None":
+    """A login created a session."""
 
 
 @hookspec
 def gateway_session_refreshed(
-    session: "Session", previous_session: "Session", gateway: "Gateway"
+    session: SessionView, previous_session: SessionView, gateway: Services
 ) -> "Awaitable[None] | None":
-    """A session's token was rotated by ``/refresh``.  ``session.id`` is
-    unchanged; ``previous_session`` is the record before the rotation."""
+    """``/refresh`` rotated a session's token."""
 
 
 @hookspec
-def gateway_session_revoked(
-    session: "Session", reason: str, gateway: "Gateway"
-) -> "Awaitable[None] | None":
-    """A session ended before its expiry.  ``reason`` is one of ``logout``,
-    ``logout_all``, ``revoked`` (``DELETE /sessions/{id}``, or a replaced
-    token presented to ``/refresh`` again),
-    ``password_changed``, ``max_per_user``."""
-
-
-# ---------------------------------------------------------------------------
-# Proxying
-# ---------------------------------------------------------------------------
+def gateway_session_revoked(session: SessionView, reason: str, gateway: Services) -> "Awaitable[None] | None":
+    """A session ended before its expiry, for ``reason``."""
 
 
 @hookspec
 def gateway_upstream_headers(
-    request: "tornado.httputil.HTTPServerRequest",
-    principal: "Principal | None",
-    route: "Route",
-    gateway: "Gateway",
+    request: tornado.httputil.HTTPServerRequest,
+    principal: Principal | None,
+    route: RouteView,
+    gateway: Services,
 ) -> "dict[str, str] | Awaitable[dict[str, str] | None] | None":
-    """Contribute headers for the upstream request.
-
-    Called for every proxied request; ``principal`` is ``None`` for an
-    anonymous one.  Return a dict of header name to value, or ``None``.
-    Headers the gateway sets itself (the identity headers,
-    ``X-Forwarded-For``/``-Proto``/``-Host``, ``X-Request-Id``) and
-    hop-by-hop headers cannot be set this way.
-    """
-
-
-# ---------------------------------------------------------------------------
-# Extra endpoints
-# ---------------------------------------------------------------------------
+    """Extra headers for every proxied request."""
 
 
 @hookspec
-def gateway_handlers(gateway: "Gateway") -> "list[tuple[Any, ...]] | None":
-    """Contribute Tornado handlers.
-
-    Return a list of ``(pattern, handler_class[, kwargs])`` tuples
-    (synchronously: this is called while the application is built).  Patterns
-    are matched before the proxy catch-all; use ``gateway.auth_path(...)`` to
-    place an endpoint under the gateway's ``auth_prefix``.  Handlers should
-    subclass :class:`gateway.handlers.base.BaseHandler` to get JSON errors,
-    body parsing and session lookup.
-    """
+def gateway_handlers(gateway: Services) -> "list[tuple[Any, ...]] | None":
+    """Extra Tornado ``(pattern, handler_class[, kwargs])`` routes."""
 
 
 @hookspec
-def gateway_startup(gateway: "Gateway") -> "Awaitable[None] | None":
-    """The gateway has opened its stores and is about to listen.  A plugin
-    that raises here stops start-up with its name in the error."""
+def gateway_startup(gateway: Services) -> "Awaitable[None] | None":
+    """The stores are open and the gateway is about to listen."""

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Iterable
 
 _PATTERNS = [
     (re.compile(r"gws_[A-Za-z0-9_\-]+"), "gws_[redacted]"),  # session tokens
-    (re.compile(r"gwk_[A-Za-z0-9_\-]+"), "gwk_[redacted]"),  # API keys
     (re.compile(r"(\w+://)[^/@\s:]*:[^/@\s]+@"), r"\1[redacted]@"),  # [user]:password@ in URLs
     (re.compile(r"((?:\w*(?:password|passwd|pwd|secret|token|session_key)|(?<![A-Za-z0-9_])(?:js_)?code)=)[^&\s;]+", re.I), r"\1[redacted]"),  # in queries
 ]
 
-#: Loggers whose records may quote a request: the filter is attached to each.
+#: Loggers whose records may quote a request: the filter is attached to each
+#: (and to each provider's ``gateway.<name>``, when the gateway is built).
 LOGGERS = ("gateway", "gateway.app", "gateway.access", "gateway.proxy", "gateway.plugins",
-           "gateway.sessions", "gateway.password", "gateway.wechat", "gateway.apikey", "tornado.general", "tornado.access", "tornado.application")
+           "gateway.sessions", "tornado.general", "tornado.access", "tornado.application")
+_PREFIXES: set[str] = {"gws_"}
 
 
 def redact(text: str) -> str:
@@ -52,10 +54,17 @@ class RedactSecrets(logging.Filter):
 _FILTER = RedactSecrets()
 
 
-def install_redaction(*handlers: logging.Handler) -> None:
-    """Attach the filter to the gateway's and Tornado's loggers (and to the
-    given handlers, for records from anywhere else).  Idempotent."""
-    for name in LOGGERS:
+def install_redaction(*handlers: logging.Handler, prefixes: Iterable[str] = (),
+                      loggers: Iterable[str] = ()) -> None:
+    """Attach the filter to the gateway's and Tornado's loggers, to
+    ``loggers`` (the providers') and to the given handlers (for records from
+    anywhere else); redact credentials beginning with any of ``prefixes``
+    (the providers' ``credential_prefixes``) from now on.  Idempotent."""
+    for prefix in prefixes:
+        if prefix not in _PREFIXES:
+            _PREFIXES.add(prefix)
+            _PATTERNS.insert(0, (re.compile(re.escape(prefix) + r"[A-Za-z0-9_\-]+"), prefix + "[redacted]"))
+    for name in (*LOGGERS, *loggers):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)

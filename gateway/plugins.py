@@ -67,6 +67,37 @@ def _register(pm: pluggy.PluginManager, name: str, plugin: object) -> None:
         raise PluginError(f"plugin {name!r} could not be registered: {exc}") from exc
 
 
+def build_time_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> list[tuple[str, list[Any]]]:
+    """Call a hook the gateway needs while it (or the command line) is being
+    built, so each implementation must answer synchronously, with a list:
+    ``(plugin name, its list)`` in calling order.  Every problem is a
+    :class:`ConfigError` naming the plugin."""
+    from gateway.options import ConfigError
+
+    out = []
+    for impl in implementations(pm, name):
+        try:
+            result: Any = impl.function(**{a: kwargs[a] for a in impl.argnames})
+        except Exception as exc:
+            raise ConfigError([f"plugin {impl.plugin_name!r}: {name} failed: {exc!r}"]) from exc
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            raise ConfigError([f"plugin {impl.plugin_name!r}: {name} must answer synchronously"])
+        if result is None:
+            continue
+        if not isinstance(result, (list, tuple)):
+            raise ConfigError([f"plugin {impl.plugin_name!r}: {name} must return a list, got {type(result).__name__}"])
+        out.append((impl.plugin_name, list(result)))
+    return out
+
+
+def provider_classes(pm: pluggy.PluginManager) -> list[tuple[str, Any]]:
+    """``(plugin name, class)`` for every provider class the plugins offer
+    through ``gateway_providers``, in calling order (not yet checked)."""
+    return [(plugin, cls) for plugin, classes in build_time_hook(pm, "gateway_providers") for cls in classes]
+
+
 def plugin_names(pm: pluggy.PluginManager) -> list[str]:
     return sorted(n for n, _ in pm.list_name_plugin() if n)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from urllib.parse import quote, urlsplit
 
-from gateway.config import Section
+from gateway.config import RouteConfig
 
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 _QUERY_SAFE = _PATH_SAFE + "?"
@@ -32,10 +32,26 @@ class Route:
     websocket_ping_interval: float = 30.0
 
     @classmethod
-    def from_section(cls, section: Section) -> "Route":
-        values = {k: section[k] for k in cls.__dataclass_fields__}
-        values["scopes"] = tuple(values["scopes"])
-        return cls(**values)
+    def from_config(cls, config: RouteConfig) -> Route:
+        """The route a validated ``[[routes]]`` table declares."""
+        return cls(
+            prefix=config.prefix,
+            upstream=config.upstream,
+            auth=config.auth,
+            strip_prefix=config.strip_prefix,
+            connect_timeout=config.connect_timeout,
+            request_timeout=config.request_timeout,
+            preserve_host=config.preserve_host,
+            scopes=tuple(config.scopes),
+            allow_sessions=config.allow_sessions,
+            read_timeout=config.read_timeout,
+            max_body_size=cls.max_body_size if config.max_body_size is None else config.max_body_size,
+            websocket=config.websocket,
+            websocket_max_message_size=config.websocket_max_message_size,
+            websocket_ping_interval=config.websocket_ping_interval,
+        )
+
+    #: the former name of :meth:`from_config`
 
     def matches(self, path: str, fold_case: bool = False) -> bool:
         """Does ``path`` lie under this route (``fold_case``: ``path`` is

@@ -40,6 +40,7 @@ from tornado.iostream import IOStream
 
 from gateway.config import Config
 from gateway.errors import GatewayError
+from gateway.options import ConfigError
 
 log = logging.getLogger("gateway.server")
 
@@ -101,7 +102,7 @@ def bind(host: str, port: int, *, reuse_port: bool, listen: bool) -> list[socket
     (IPv4 and IPv6 alike), all on one port (port 0: the first one the kernel
     picks); listening when ``listen``."""
     sockets: list[socket.socket] = []
-    seen: set[Any] = set()
+    seen: set[tuple[Any, ...]] = set()
     try:
         infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
                                    socket.AI_PASSIVE)
@@ -179,7 +180,7 @@ class Acceptor:
             self.watching = False
         self.sock.close()
 
-    def ready(self, fd: Any, events: int) -> None:
+    def ready(self, fd: int, events: int) -> None:
         for _ in range(ACCEPT_BATCH):
             if self.closed:
                 return
@@ -307,7 +308,7 @@ class GatewayHTTPServer(HTTPServer):
         self.connections: dict[HTTP1ServerConnection, bool] = {}
         self.draining = False
 
-    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if self.draining:
             stream.close()
             return
@@ -325,7 +326,8 @@ class GatewayHTTPServer(HTTPServer):
         return _Tracked(delegate, self, conn)
 
     def on_close(self, server_conn: object) -> None:
-        self.connections.pop(server_conn, None)  # type: ignore[call-overload]
+        if isinstance(server_conn, HTTP1ServerConnection):  # the only kind start_request tracks
+            self.connections.pop(server_conn, None)
         super().on_close(server_conn)
 
     def requests_in_progress(self) -> int:
@@ -467,15 +469,19 @@ def serve(config: Config, *, demo_upstream: str | None = None) -> int:
 
 async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: str | None) -> int:
     from gateway.app import Gateway
+    from gateway.web import make_app
 
-    gw = Gateway(config)
+    gw: Gateway | None = None
     try:
+        gw = Gateway(config)
         await gw.start()  # every client (upstream HTTP, Redis, MongoDB) is made here, after the fork
-        app = gw.make_app()
+        app = make_app(gw)
     except Exception as exc:
-        detail = exc.detail if isinstance(exc, GatewayError) else repr(exc)
-        log.error("start-up failed: %s", detail, exc_info=not isinstance(exc, GatewayError))
-        await gw.stop()
+        detail = exc.detail if isinstance(exc, GatewayError) else "; ".join(exc.problems) \
+            if isinstance(exc, ConfigError) else repr(exc)
+        log.error("start-up failed: %s", detail, exc_info=not isinstance(exc, (GatewayError, ConfigError)))
+        if gw is not None:
+            await gw.stop()
         for sock in sockets:
             sock.close()
         return 1

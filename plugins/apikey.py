@@ -19,26 +19,40 @@ upstream.  A key's record is cached in each process for at most
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
-import logging
 import re
 import secrets
+import sys
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import tornado.httputil
 
 from gateway import hookimpl
-from gateway.config import DURATION, SCOPE, Option
-from gateway.errors import GatewayError, invalid_credentials
-from gateway.profiles.base import ApiKey, utcnow
-from gateway.providers import Provider
-from gateway.requestinfo import Principal
-
-log = logging.getLogger("gateway.apikey")
+from gateway.api import (
+    DURATION,
+    SCOPE,
+    Below,
+    Collection,
+    Command,
+    CommandContext,
+    Conflict,
+    GatewayError,
+    Option,
+    Principal,
+    Provider,
+    Records,
+    Section,
+    add_config_option,
+    invalid_credentials,
+    parse_duration,
+    utcnow,
+)
 
 PREFIX = "gwk_"
 HEADER = "X-API-Key"
@@ -50,6 +64,72 @@ _ID = re.compile(r"^[0-9a-f]{16}$")
 _SECRET = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 #: compared against when the id is unknown, so that costs what a wrong secret does
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
+#: where the keys live in the profile store
+KEYS = Collection("apikey_keys", key="id", indexes=("user_id",))
+
+
+@dataclass
+class ApiKey:
+    """An API key's record: owner, name, scopes, the SHA-256 (hex) of its
+    secret and timezone-aware UTC datetimes.  ``expires_at`` ``None``: never
+    expires; ``revoked_at``/``last_used_at`` ``None``: not (yet)."""
+
+    id: str
+    user_id: str
+    name: str
+    scopes: list[str]
+    secret_hash: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or utcnow())
+
+    def to_record(self) -> dict[str, Any]:
+        return {"id": self.id, "user_id": self.user_id, "name": self.name, "scopes": list(self.scopes),
+                "secret_hash": self.secret_hash, "created_at": self.created_at, "expires_at": self.expires_at,
+                "revoked_at": self.revoked_at, "last_used_at": self.last_used_at}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "ApiKey":
+        return cls(id=record["id"], user_id=record["user_id"], name=record.get("name", ""),
+                   scopes=[str(s) for s in record.get("scopes") or []], secret_hash=record.get("secret_hash", ""),
+                   created_at=record["created_at"], expires_at=record.get("expires_at"),
+                   revoked_at=record.get("revoked_at"), last_used_at=record.get("last_used_at"))
+
+
+class KeyStore:
+    """API key records in the profile store (collection :data:`KEYS`)."""
+
+    def __init__(self, records: Records) -> None:
+        self.records = records
+
+    async def create(self, key: ApiKey) -> None:
+        await self.records.insert(key.to_record())
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        found = await self.records.get(key_id)
+        return ApiKey.from_record(found) if found else None
+
+    async def list(self, user_id: str) -> list[ApiKey]:
+        """Every key of the user, revoked and expired ones included, oldest first."""
+        return [ApiKey.from_record(r) for r in await self.records.find("user_id", user_id)]
+
+    async def revoke(self, key_id: str, when: datetime) -> ApiKey | None:
+        """Set ``revoked_at`` unless already set (the first revocation
+        stands); the record, ``None`` for an unknown id."""
+        updated = await self.records.update(key_id, {"revoked_at": when}, where={"revoked_at": None})
+        if updated is not None:
+            return ApiKey.from_record(updated)
+        return await self.get(key_id)
+
+    async def touch(self, key_id: str, when: datetime, older_than: datetime) -> bool:
+        """Set ``last_used_at`` only if unset or before ``older_than`` (one
+        conditional write: processes write at most once per interval)."""
+        return await self.records.update(key_id, {"last_used_at": when},
+                                         where={"last_used_at": Below(older_than)}) is not None
 
 
 # -- the key format -----------------------------------------------------------------
@@ -124,28 +204,22 @@ class ApiKeyProvider(Provider):
 
     name = "apikey"
     login_route = False
+    credential_prefixes = (PREFIX,)
+    credential_header_names = (HEADER,)
+    collections = (KEYS,)
     options = [
         Option("cache_ttl", DURATION, "5s", "a key's record is cached in each process at most this long "
                "(a revocation takes effect everywhere within it; 0 = no cache)"),
         Option("last_used_interval", DURATION, "60s", "a key's last_used_at is written at most once per interval"),
     ]
 
-    def __init__(self, gateway: Any, settings: Any) -> None:
+    def __init__(self, gateway: Any, settings: Section) -> None:
         super().__init__(gateway, settings)
+        self.keys = KeyStore(gateway.profiles.records(KEYS))
         #: key id -> (record or None for an unknown id, monotonic time read)
         self._cache: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
         #: key id -> monotonic time of this process's last last_used_at write (or attempt)
         self._touched: OrderedDict[str, float] = OrderedDict()
-
-    def credential_headers(self, request: tornado.httputil.HTTPServerRequest) -> list[str]:
-        """The request headers carrying an API key, stripped from every proxied
-        request: ``X-API-Key`` in any spelling an upstream may fold into it
-        (``X_API_Key``...), and ``Authorization`` when it is ``Bearer gwk_...``."""
-        names = list(dict.fromkeys(
-            name for name, _ in request.headers.get_all() if name.lower().replace("_", "-") == "x-api-key"))
-        if _bearer_keys(request):
-            names.append("Authorization")
-        return names
 
     async def authenticate(self, request: tornado.httputil.HTTPServerRequest) -> Principal | None:
         """The key's owner, ``None`` when no key is presented, or 401."""
@@ -178,7 +252,7 @@ class ApiKeyProvider(Provider):
         cached = self._cache.get(key_id)
         if cached is not None and now - cached[1] < ttl:
             return cached[0]
-        record = await self.gateway.profiles.get_api_key(key_id)  # StoreUnavailable: 503
+        record = await self.keys.get(key_id)  # StoreUnavailable: 503
         if ttl > 0 and record is not None:  # an unknown id is not remembered: it may be created any moment
             self._remember(self._cache, key_id, (record, now))
         return record
@@ -196,11 +270,11 @@ class ApiKeyProvider(Provider):
             return
         self._remember(self._touched, record.id, mono)
         try:
-            await self.gateway.profiles.touch_api_key(record.id, now, now - timedelta(seconds=interval))
+            await self.keys.touch(record.id, now, now - timedelta(seconds=interval))
         except GatewayError as exc:
-            log.warning("could not record the last use of API key %s: %s", record.id, exc.detail or exc.message)
+            self.log.warning("could not record the last use of API key %s: %s", record.id, exc.detail or exc.message)
         except Exception as exc:  # the request stands whatever the store says
-            log.warning("could not record the last use of API key %s: %r", record.id, exc)
+            self.log.warning("could not record the last use of API key %s: %r", record.id, exc)
 
     @staticmethod
     def _remember(table: OrderedDict[str, Any], key: str, value: Any) -> None:
@@ -210,14 +284,112 @@ class ApiKeyProvider(Provider):
             table.popitem(last=False)
 
 
+# -- gateway apikey create|list|revoke: the profile store only, no server ---------------
+
+
+def _expires(value: str) -> float:
+    """``--expires``: a positive duration (argparse exits 2 on a bad one)."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must be longer than zero")
+    return seconds
+
+
+def _when(value: datetime | None, never: str = "-") -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else never
+
+
+def _no_user(user_id: str) -> int:
+    print(f"error: no user with id {user_id!r}", file=sys.stderr)
+    return 1
+
+
+async def cmd_create(args: argparse.Namespace, ctx: CommandContext) -> int:
+    scopes = [s.strip() for s in (args.scopes or "").split(",") if s.strip()]
+    try:
+        key, record = new_api_key(args.user, args.name, scopes, args.expires)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if await ctx.profiles.get_user(args.user) is None:
+        return _no_user(args.user)
+    try:
+        await KeyStore(ctx.profiles.records(KEYS)).create(record)
+    except Conflict:  # 64 random bits collided: vanishingly rare, and nothing was stored
+        print("error: a key with this id exists; run the command again", file=sys.stderr)
+        return 1
+    print(f"key:     {key}")
+    print("         (shown only this once: store it now; the gateway keeps only its hash)")
+    print(f"id:      {record.id}")
+    print(f"user:    {record.user_id}")
+    print(f"name:    {record.name}")
+    print(f"scopes:  {' '.join(record.scopes) or '-'}")
+    print(f"expires: {_when(record.expires_at, 'never')}")
+    return 0
+
+
+async def cmd_list(args: argparse.Namespace, ctx: CommandContext) -> int:
+    if await ctx.profiles.get_user(args.user) is None:
+        return _no_user(args.user)
+    rows = [("ID", "NAME", "SCOPES", "CREATED", "EXPIRES", "REVOKED", "LAST USED")]
+    for k in await KeyStore(ctx.profiles.records(KEYS)).list(args.user):
+        rows.append((k.id, k.name, ",".join(k.scopes) or "-", _when(k.created_at),
+                     _when(k.expires_at, "never"), _when(k.revoked_at), _when(k.last_used_at)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+async def cmd_revoke(args: argparse.Namespace, ctx: CommandContext) -> int:
+    key_id = args.id
+    if key_id.startswith(PREFIX):  # a whole key pasted: use its id, never echo it
+        parsed = parse_key(key_id)
+        if parsed is None:
+            print("error: that is not a well-formed API key or key id", file=sys.stderr)
+            return 2
+        key_id = parsed[0]
+    record = await KeyStore(ctx.profiles.records(KEYS)).revoke(key_id, utcnow())
+    if record is None:
+        shown = repr(key_id) if len(key_id) <= 64 and key_id.isprintable() else "given"
+        print(f"error: no API key with id {shown}", file=sys.stderr)
+        return 1
+    print(f"revoked: {record.id} ({record.name}) at {_when(record.revoked_at)}")
+    return 0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    keys = parser.add_subparsers(dest="apikey_command", required=True)
+    create = keys.add_parser("create", help="make a key for a user and print it (once)")
+    add_config_option(create)
+    create.add_argument("--user", required=True, help="the owner's user id (u_...)")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument("--scopes", default="", help="comma-separated scopes, e.g. orders:read,orders:write")
+    create.add_argument("--expires", type=_expires, help="lifetime, e.g. 90d (default: never expires)")
+    create.set_defaults(apikey_run=cmd_create)
+    listing = keys.add_parser("list", help="list a user's keys (never their secrets)")
+    add_config_option(listing)
+    listing.add_argument("--user", required=True, help="the owner's user id (u_...)")
+    listing.set_defaults(apikey_run=cmd_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id (takes effect within providers.apikey.cache_ttl)")
+    add_config_option(revoke)
+    revoke.add_argument("id", help="the key id (the 16 hex digits after gwk_)")
+    revoke.set_defaults(apikey_run=cmd_revoke)
+
+
+async def run(args: argparse.Namespace, ctx: CommandContext) -> int:
+    status: int = await args.apikey_run(args, ctx)
+    return status
+
+
 @hookimpl
 def gateway_providers() -> list[type[Provider]]:
     return [ApiKeyProvider]
 
 
 @hookimpl
-async def gateway_authenticate(request: tornado.httputil.HTTPServerRequest, gateway: Any) -> Principal | None:
-    provider = gateway.providers.get(ApiKeyProvider.name)
-    if not isinstance(provider, ApiKeyProvider) or not getattr(provider, "enabled", True):
-        return None
-    return await provider.authenticate(request)
+def gateway_commands() -> list[Command]:
+    return [Command("apikey", "create, list and revoke API keys (uses the profile store only)", configure, run)]

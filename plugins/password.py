@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
-import logging
 import secrets
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -35,12 +34,25 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from argon2.low_level import Type
 
 from gateway import hookimpl
-from gateway.config import BOOL, INT, POSITIVE_DURATION, ConfigError, Option, at_least
-from gateway.errors import Conflict, GatewayError, invalid_credentials, invalid_request, too_many
-from gateway.handlers.auth import AuthHandler
-from gateway.providers import LoginResult, Provider
+from gateway.api import (
+    BOOL,
+    INT,
+    POSITIVE_DURATION,
+    ConfigContext,
+    Conflict,
+    Endpoint,
+    GatewayError,
+    LoginResult,
+    Option,
+    Provider,
+    Request,
+    Section,
+    at_least,
+    invalid_credentials,
+    invalid_request,
+    too_many,
+)
 
-log = logging.getLogger("gateway.password")
 T = TypeVar("T")
 MAX_PASSWORD = 1024
 MAX_USERNAME = 150
@@ -72,16 +84,18 @@ class PasswordProvider(Provider):
         Option("max_pending_hashes", at_least(INT, 1), 64, "hash jobs (logins, registrations, changes) running or queued before 429 rate_limited"),
     ]
 
-    def __init__(self, gateway: Any, settings: Any) -> None:
-        super().__init__(gateway, settings)
+    @classmethod
+    def check_config(cls, settings: Section, context: ConfigContext) -> list[str]:
         problems = []
         if settings.memory_cost < 8 * settings.parallelism:
             problems.append("providers.password.memory_cost: argon2 needs at least 8 KiB per lane "
                             f"(8 x parallelism = {8 * settings.parallelism})")
         if settings.min_length > MAX_PASSWORD:
             problems.append(f"providers.password.min_length: at most {MAX_PASSWORD}, the longest password accepted")
-        if problems:
-            raise ConfigError(problems)
+        return problems
+
+    def __init__(self, gateway: Any, settings: Section) -> None:
+        super().__init__(gateway, settings)
         self.hasher = PasswordHasher(
             time_cost=settings.time_cost, memory_cost=settings.memory_cost,
             parallelism=settings.parallelism, type=Type.ID,
@@ -146,11 +160,11 @@ class PasswordProvider(Provider):
 
     def _counter(self, username: str) -> str:
         """The username-wide counter (failures from all clients together)."""
-        return "pwfail:" + hashlib.sha256(username.encode()).hexdigest()[:32]
+        return "password:fail:" + hashlib.sha256(username.encode()).hexdigest()[:32]
 
     def _client_counter(self, username: str, ip: str) -> str:
         """The counter of one client's failures for a username."""
-        return "pwfail-client:" + hashlib.sha256(f"{username}\0{client_key(ip)}".encode()).hexdigest()[:32]
+        return "password:fail-client:" + hashlib.sha256(f"{username}\0{client_key(ip)}".encode()).hexdigest()[:32]
 
     async def _count_attempt(self, username: str, ip: str) -> None:
         """Count this attempt *before* verifying (atomic increments), so
@@ -158,7 +172,7 @@ class PasswordProvider(Provider):
         failed; a success clears the counts again.  An attempt this client is
         already locked out of stops at its own counter: it never counts toward
         the username-wide lock, so one client cannot lock the username for all."""
-        store, window = self.gateway.session_store, self.settings.lockout_window
+        store, window = self.gateway.state, self.settings.lockout_window
         count, left = await store.hit(self._client_counter(username, ip), window)
         if count > self.settings.max_failures:
             raise too_many("locked_out", "too many failed attempts for this username; try again later", left)
@@ -171,7 +185,7 @@ class PasswordProvider(Provider):
 
     async def verify_credentials(self, username: str, password: str, ip: str = "") -> str:
         """The user id for these credentials, or a 401/429 error.  ``ip`` is
-        the client's address (``handler.client_ip``), for the lockout."""
+        the client's address (``request.client_ip``), for the lockout."""
         with self._slot():  # a login refused as busy is not counted as an attempt
             await self._count_attempt(username, ip)
             identity = await self.gateway.profiles.get_identity(self.name, username)
@@ -185,38 +199,40 @@ class PasswordProvider(Provider):
                     # would tell existing accounts from unknown names.
                     await self._verify(self._dummy_hash, password)
                 raise await self._failed(username)
-            await self.gateway.session_store.clear(self._client_counter(username, ip))
-            await self.gateway.session_store.clear(self._counter(username))
+            await self.gateway.state.clear(self._client_counter(username, ip))
+            await self.gateway.state.clear(self._counter(username))
             if stale:
                 try:
                     await self.gateway.profiles.update_identity_data(
                         self.name, username, {"hash": await self._run(self.hasher.hash, password)})
                 except GatewayError as exc:  # the login stands; the rehash waits for the next one
-                    log.warning("password rehash for a user failed: %s", exc.detail or exc.message)
+                    self.log.warning("password rehash for a user failed: %s", exc.detail or exc.message)
         return identity.user_id
 
     # -- endpoints ------------------------------------------------------------------
 
-    def _credentials(self, handler: AuthHandler, body: dict[str, Any]) -> tuple[str, str]:
-        username = normalise_username(handler.field(body, "username", str, max_length=4 * MAX_USERNAME))
-        password = handler.field(body, "password", str, max_length=4 * MAX_PASSWORD)
+    def _credentials(self, request: Request, body: dict[str, Any]) -> tuple[str, str]:
+        username = normalise_username(request.field(body, "username", str, max_length=4 * MAX_USERNAME))
+        password = request.field(body, "password", str, max_length=4 * MAX_PASSWORD)
         if len(password) > MAX_PASSWORD:
             raise invalid_request(f"field password must be at most {MAX_PASSWORD} characters")
         return username, password
 
-    async def login(self, handler: AuthHandler, body: dict[str, Any]) -> LoginResult:  # type: ignore[override]
-        username, password = self._credentials(handler, body)
-        user_id = await self.verify_credentials(username, password, handler.client_ip)
+    async def login(self, request: Request, body: dict[str, Any]) -> LoginResult:
+        username, password = self._credentials(request, body)
+        user_id = await self.verify_credentials(username, password, request.client_ip)
         user = await self.gateway.profiles.get_user(user_id)
         if user is None:
             raise GatewayError("internal", "an internal error occurred",
                                log_message=f"password identity points at missing user {user_id}")
         return LoginResult(user=user)
 
-    async def register(self, handler: AuthHandler, body: dict[str, Any]) -> LoginResult:
+    async def register(self, request: Request) -> LoginResult:
+        """``POST /password/register``: 201 and a session for a new user."""
         if not self.settings.allow_registration:
             raise GatewayError("forbidden", "registration is disabled")
-        username, password = self._credentials(handler, body)
+        body = request.json_body()
+        username, password = self._credentials(request, body)
         self.check_password(password, "password")
         hashed = await self._hash(password)
         try:
@@ -224,59 +240,36 @@ class PasswordProvider(Provider):
                 self.name, username, profile={"username": username}, data={"hash": hashed})
         except Conflict:
             # Registering again with the same password (a client retrying
-            # after a lost answer) logs in; anything else is "taken".  The
-            # attempt counts toward the lockout like a login.
+            # after a lost answer) logs in (200); anything else is "taken".
+            # The attempt counts toward the lockout like a login.
             try:
-                return await self.login(handler, body)
+                return await self.login(request, body)
             except GatewayError as exc:
                 if exc.code == "invalid_credentials":
                     raise Conflict("that username is already taken") from None
                 raise
         return LoginResult(user=user, created=True)
 
-    async def check_change(self, handler: AuthHandler, user_id: str, body: dict[str, Any]) -> tuple[str, str]:
-        """Validate a password change; return ``(username, new password)``."""
-        old = handler.field(body, "old_password", str, max_length=4 * MAX_PASSWORD)
-        new = handler.field(body, "new_password", str, max_length=4 * MAX_PASSWORD)
+    async def change(self, request: Request) -> None:
+        """``POST /password/change``: 204, every other session revoked."""
+        # session management: a token /refresh already replaced is not enough
+        principal = await request.require_session(allow_superseded=False)
+        body = request.json_body()
+        old = request.field(body, "old_password", str, max_length=4 * MAX_PASSWORD)
+        new = request.field(body, "new_password", str, max_length=4 * MAX_PASSWORD)
         self.check_password(new, "new_password")
-        links = [i for i in await self.gateway.profiles.list_identities(user_id) if i.provider == self.name]
+        links = [i for i in await self.gateway.profiles.list_identities(principal.user_id) if i.provider == self.name]
         if not links:
             raise GatewayError("forbidden", "this account has no password")
         username = links[0].subject
-        await self.verify_credentials(username, old, handler.client_ip)
-        return username, new
-
-    async def set_password(self, username: str, password: str) -> None:
-        await self.gateway.profiles.update_identity_data(self.name, username, {"hash": await self._hash(password)})
-
-    def handlers(self) -> list[tuple[Any, ...]]:
-        p = self.gateway.auth_path
-        return [
-            (p(self.name, "register"), RegisterHandler, {"provider": self}),
-            (p(self.name, "change"), ChangeHandler, {"provider": self}),
-        ]
-
-
-class RegisterHandler(AuthHandler):
-    provider: PasswordProvider
-
-    async def post(self) -> None:
-        result = await self.gateway.call_provider(self.provider, "register", self, self.json_body())
-        await self.start_session(result, self.provider.name, status=201 if result.created else 200)
-
-
-class ChangeHandler(RegisterHandler):
-    async def post(self) -> None:
-        # session management: a token /refresh already replaced is not enough
-        principal = await self.require_session(allow_superseded=False)
-        body = self.json_body()
-        username, new = await self.gateway.call_provider(self.provider, "check_change", self, principal.user_id, body)
+        await self.verify_credentials(username, old, request.client_ip)
         # Other sessions go first: should the store then fail, no session
         # opened with the old password survives a change the user asked for.
         await self.gateway.sessions.revoke_user(principal.user_id, "password_changed", keep=principal.session_id)
-        await self.gateway.call_provider(self.provider, "set_password", username, new)
-        self.set_status(204)
-        self.finish()
+        await self.gateway.profiles.update_identity_data(self.name, username, {"hash": await self._hash(new)})
+
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint("register", self.register), Endpoint("change", self.change)]
 
 
 def client_key(ip: str) -> str:

@@ -25,7 +25,6 @@ import asyncio
 import base64
 import binascii
 import json
-import logging
 import re
 import secrets
 import time
@@ -37,14 +36,28 @@ import tornado.httpclient
 from Crypto.Cipher import AES
 
 from gateway import hookimpl
-from gateway.config import INT, POSITIVE_DURATION, ConfigError, at_least, Option, _http_url, _pattern, validate_table
-from gateway.errors import Conflict, GatewayError, invalid_request, too_many, unauthenticated
-from gateway.handlers.auth import AuthHandler
-from gateway.profiles.base import User
-from gateway.providers import LoginResult, Provider
-from gateway.requestinfo import Principal
-
-log = logging.getLogger("gateway.wechat")
+from gateway.api import (
+    INT,
+    POSITIVE_DURATION,
+    ConfigContext,
+    Conflict,
+    Endpoint,
+    GatewayError,
+    LoginResult,
+    Option,
+    Principal,
+    Provider,
+    Request,
+    Section,
+    User,
+    at_least,
+    http_url,
+    invalid_request,
+    pattern,
+    too_many,
+    unauthenticated,
+    validate_table,
+)
 
 #: Decrypted user-data fields copied into the user's profile.
 PROFILE_FIELDS = ("nickName", "avatarUrl", "gender", "language", "city", "province", "country",
@@ -74,9 +87,9 @@ def _apps(value: Any) -> dict[str, Any]:
 
 
 APP_OPTIONS = [
-    Option("appid", _pattern(re.compile(r"^wx[0-9a-f]{16}$"), "a mini-program AppID such as wx4f4bc4dec97d474b"),
+    Option("appid", pattern(re.compile(r"^wx[0-9a-f]{16}$"), "a mini-program AppID such as wx4f4bc4dec97d474b"),
            None, "the mini-program's AppID", required=True),
-    Option("secret", _pattern(re.compile(r"^\S{1,128}$"), "the AppSecret (no spaces)"),
+    Option("secret", pattern(re.compile(r"^\S{1,128}$"), "the AppSecret (no spaces)"),
            None, "the mini-program's AppSecret", secret=True, required=True),
 ]
 
@@ -153,8 +166,10 @@ class WeChatProvider(Provider):
     #: sent upstream with a WeChat session (a backend needs the openid for
     #: WeChat Pay or subscription messages); never taken from a client
     reserved_headers = ("X-WeChat-AppId", "X-WeChat-OpenId", "X-WeChat-UnionId")
+    #: nested tables, ``[providers.wechat.apps.<name>]``
+    option_tables = {"apps.<name>": APP_OPTIONS}
     options = [
-        Option("api_base", _http_url, "https://api.weixin.qq.com", "base URL of WeChat's server API"),
+        Option("api_base", http_url, "https://api.weixin.qq.com", "base URL of WeChat's server API"),
         Option("timeout", POSITIVE_DURATION, "5s", "longest wait for each call to WeChat (502 beyond)"),
         Option("token_margin", POSITIVE_DURATION, "5m", "refresh an app's access token this long before it expires "
                "(halfway through, for a token that lives less than twice as long)"),
@@ -164,25 +179,23 @@ class WeChatProvider(Provider):
                "with `appid` and `secret` (or `secret_env`); none = provider off"),
     ]
 
-    def __init__(self, gateway: Any, settings: Any) -> None:
-        super().__init__(gateway, settings)
+    @classmethod
+    def check_config(cls, settings: Section, context: ConfigContext) -> list[str]:
         problems: list[str] = []
-        self.apps: dict[str, App] = {}
         seen: dict[str, str] = {}
-        for name, table in (settings.apps or {}).items():
-            where = f"providers.wechat.apps.{name}"
-            values = validate_table(where, APP_OPTIONS, table, problems, gateway.config.environ)
-            if values.appid and values.secret:
-                if values.appid in seen:
-                    problems.append(f"{where}.appid: {values.appid} is also app {seen[values.appid]!r}")
-                seen[values.appid] = name
-                self.apps[name] = App(name, values.appid, values.secret)
-        if self.apps and gateway.sealer.ephemeral and gateway.session_store.shared:
+        for name, app in settings.apps.items():
+            if app.appid in seen:
+                problems.append(f"providers.wechat.apps.{name}.appid: {app.appid} is also app {seen[app.appid]!r}")
+            seen[app.appid] = name
+        if settings.apps and context.shared_sessions and not context.sealing_key:
             problems.append("sessions.encryption_key: required (or encryption_key_env) with the shared "
-                            f"{gateway.session_store.name!r} session store and the WeChat provider: it seals "
+                            "'redis' session store and the WeChat provider: it seals "
                             "each session's session_key, and every process must open it")
-        if problems:
-            raise ConfigError(problems)
+        return problems
+
+    def __init__(self, gateway: Any, settings: Section) -> None:
+        super().__init__(gateway, settings)
+        self.apps = {name: App(name, app.appid, app.secret) for name, app in settings.apps.items()}
         self.http: tornado.httpclient.AsyncHTTPClient | None = None
         #: refreshes in flight, by (appid, the token they replace)
         self._refreshing: dict[tuple[str, str | None], asyncio.Task[str]] = {}
@@ -194,7 +207,7 @@ class WeChatProvider(Provider):
     async def setup(self) -> None:
         self.http = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=100)
         if self.gateway.sealer.ephemeral:
-            log.warning("sessions.encryption_key is not set: WeChat session_keys are sealed under a key of this "
+            self.log.warning("sessions.encryption_key is not set: WeChat session_keys are sealed under a key of this "
                         "process only, so /wechat/decrypt needs a new login after a restart")
 
     async def close(self) -> None:
@@ -272,8 +285,8 @@ class WeChatProvider(Provider):
 
     # -- login ---------------------------------------------------------------------
 
-    def app_for(self, handler: AuthHandler, body: dict[str, Any]) -> App:
-        name = handler.field(body, "app", str, default=None, max_length=64)
+    def app_for(self, request: Request, body: dict[str, Any]) -> App:
+        name = request.field(body, "app", str, default=None, max_length=64)
         if name is None:
             if len(self.apps) != 1:
                 raise invalid_request("field app is required: several mini-programs are configured ("
@@ -283,9 +296,9 @@ class WeChatProvider(Provider):
             raise invalid_request(f"field app names no configured mini-program (known: {', '.join(sorted(self.apps))})")
         return self.apps[name]
 
-    async def login(self, handler: AuthHandler, body: dict[str, Any]) -> LoginResult:  # type: ignore[override]
-        code = handler.field(body, "code", str, max_length=256)
-        app = self.app_for(handler, body)
+    async def login(self, request: Request, body: dict[str, Any]) -> LoginResult:
+        code = request.field(body, "code", str, max_length=256)
+        app = self.app_for(request, body)
         query = {"appid": app.appid, "secret": app.secret, "js_code": code, "grant_type": "authorization_code"}
         try:  # never retried: a code is single-use
             reply = await self.call("/sns/jscode2session", query, redact=(app.secret, code))
@@ -306,8 +319,8 @@ class WeChatProvider(Provider):
         # WeChat replaces the session_key at every wx.login: remember which
         # login holds the current one, so an older session's key is known stale.
         key_id = secrets.token_urlsafe(12)
-        await self.gateway.session_store.set_value(self._key_marker(app.appid, openid), key_id,
-                                                   self.gateway.config.sessions.absolute_timeout)
+        await self.gateway.state.set_value(self._key_marker(app.appid, openid), key_id,
+                                                   self.gateway.sessions.absolute_timeout)
         user, created = await self.resolve_user(app, openid, unionid)
         data = {"app": app.name, "appid": app.appid, "openid": openid, "unionid": unionid, "key_id": key_id,
                 "session_key": self.gateway.sealer.seal(key, self._context(app.appid, openid, key_id))}
@@ -349,7 +362,7 @@ class WeChatProvider(Provider):
             try:
                 await profiles.link_identity(user.id, UNIONID_PROVIDER, unionid)
             except Conflict:
-                log.warning("wechat: a unionid already belongs to another user; the accounts stay apart")
+                self.log.warning("wechat: a unionid already belongs to another user; the accounts stay apart")
             await profiles.update_identity_data(self.name, subject, {"unionid": unionid})
         return user, created
 
@@ -359,7 +372,7 @@ class WeChatProvider(Provider):
         """The session's ``session_key``, or 401 when WeChat has replaced it."""
         assert principal.session is not None
         data = principal.session.data
-        current = await self.gateway.session_store.get_value(self._key_marker(data["appid"], data["openid"]))
+        current = await self.gateway.state.get_value(self._key_marker(data["appid"], data["openid"]))
         relogin = unauthenticated("WeChat's session_key for this session has been replaced (wx.login was called "
                                   "again); log in again with a new code")
         if current is not None and current != data.get("key_id"):
@@ -419,7 +432,7 @@ class WeChatProvider(Provider):
     async def _cached_token(self, app: App) -> str | None:
         """The shared access token, kept sealed (it is a credential of the
         app); ``None`` when there is none or it does not open."""
-        sealed = await self.gateway.session_store.get_value(self._token_key(app))
+        sealed = await self.gateway.state.get_value(self._token_key(app))
         if sealed is None:
             return None
         try:
@@ -430,7 +443,7 @@ class WeChatProvider(Provider):
     async def _refresh(self, app: App, rejected: str | None) -> str:
         """Fetch a token under a short lock in the shared store, so that one
         process asks WeChat while the others wait for the cached result."""
-        store = self.gateway.session_store
+        store = self.gateway.state
         lock = f"wechat:token-lock:{app.appid}"
         owner = secrets.token_hex(8)
         hold = 2 * self.settings.timeout + 1  # at most two calls to WeChat under the lock
@@ -489,32 +502,23 @@ class WeChatProvider(Provider):
             raise self._bad_gateway("getuserphonenumber", "phone_info's watermark names another appid")
         return {f: info[f] for f in PHONE_FIELDS}
 
-    def handlers(self) -> list[tuple[Any, ...]]:
-        p = self.gateway.auth_path
-        return [
-            (p(self.name, "decrypt"), DecryptHandler, {"provider": self}),
-            (p(self.name, "phone"), PhoneHandler, {"provider": self}),
-        ]
+    # -- endpoints and upstream headers ------------------------------------------------
 
-
-class DecryptHandler(AuthHandler):
-    """``POST {auth_prefix}/wechat/decrypt``: user data from ``wx.getUserInfo`` and the like."""
-
-    provider: WeChatProvider
-
-    async def post(self) -> None:
-        principal = await self.require_session()
-        app = self.provider.require_wechat(principal)
-        body = self.json_body()
-        encrypted = self.field(body, "encryptedData", str, max_length=MAX_ENCRYPTED)
-        iv = self.field(body, "iv", str, max_length=64)
-        key = await self.provider.session_key(principal)
+    async def decrypt(self, request: Request) -> dict[str, Any]:
+        """``POST {auth_prefix}/wechat/decrypt``: user data from ``wx.getUserInfo`` and the like."""
+        principal = await request.require_session()
+        app = self.require_wechat(principal)
+        body = request.json_body()
+        encrypted = request.field(body, "encryptedData", str, max_length=MAX_ENCRYPTED)
+        iv = request.field(body, "iv", str, max_length=64)
+        key = await self.session_key(principal)
         # Each failure is counted per WeChat user: the thousands of tries a
         # padding-oracle forgery needs end in 429 long before they add up.
-        store, data = self.gateway.session_store, principal.session.data  # type: ignore[union-attr]
+        assert principal.session is not None
+        store, data = self.gateway.state, principal.session.data
         counter = f"wechat:decrypt-fail:{data['appid']}:{data['openid']}"
         failures, left = await store.peek(counter)
-        if failures >= self.provider.settings.max_decrypt_failures:
+        if failures >= self.settings.max_decrypt_failures:
             raise too_many("rate_limited", "too many failed decryptions; try again later", left)
         try:
             value = decrypt_user_data(base64.b64encode(key).decode(), iv, encrypted)
@@ -522,38 +526,34 @@ class DecryptHandler(AuthHandler):
         except GatewayError:
             await store.hit(counter, DECRYPT_WINDOW)
             raise
-        await self.provider.save_profile(principal.user_id, value, PROFILE_FIELDS)
+        await self.save_profile(principal.user_id, value, PROFILE_FIELDS)
         value.pop("watermark", None)
-        self.write_json(value)
+        return value
 
+    async def phone(self, request: Request) -> dict[str, Any]:
+        """``POST {auth_prefix}/wechat/phone``: the number behind a ``getPhoneNumber`` code."""
+        principal = await request.require_session()
+        app = self.require_wechat(principal)
+        code = request.field(request.json_body(), "code", str, max_length=256)
+        phone = await self.phone_number(app, code)
+        await self.save_profile(principal.user_id, phone, PHONE_FIELDS)
+        return phone
 
-class PhoneHandler(AuthHandler):
-    """``POST {auth_prefix}/wechat/phone``: the number behind a ``getPhoneNumber`` code."""
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint("decrypt", self.decrypt), Endpoint("phone", self.phone)]
 
-    provider: WeChatProvider
-
-    async def post(self) -> None:
-        principal = await self.require_session()
-        app = self.provider.require_wechat(principal)
-        code = self.field(self.json_body(), "code", str, max_length=256)
-        phone = await self.provider.phone_number(app, code)
-        await self.provider.save_profile(principal.user_id, phone, PHONE_FIELDS)
-        self.write_json(phone)
+    def upstream_headers(self, principal: Principal) -> dict[str, str] | None:
+        """A WeChat session's app, openid and unionid, for the upstream."""
+        session = principal.session
+        if session is None:
+            return None
+        data = session.data
+        headers = {"X-WeChat-AppId": data.get("appid", ""), "X-WeChat-OpenId": data.get("openid", "")}
+        if data.get("unionid"):
+            headers["X-WeChat-UnionId"] = data["unionid"]
+        return headers
 
 
 @hookimpl
 def gateway_providers() -> list[type[Provider]]:
     return [WeChatProvider]
-
-
-@hookimpl
-def gateway_upstream_headers(principal: Principal | None) -> dict[str, str] | None:
-    """A WeChat session's app, openid and unionid, for the upstream."""
-    session = principal.session if principal is not None else None
-    if session is None or session.provider != WeChatProvider.name:
-        return None
-    data = session.data
-    headers = {"X-WeChat-AppId": data.get("appid", ""), "X-WeChat-OpenId": data.get("openid", "")}
-    if data.get("unionid"):
-        headers["X-WeChat-UnionId"] = data["unionid"]
-    return headers

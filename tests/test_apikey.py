@@ -22,9 +22,11 @@ from typing import Any
 
 import pytest
 
-from gateway.profiles.base import ApiKey
+from gateway_plugins.apikey import ApiKey
 
-from conftest import ROOT, RunningGateway, Upstream, base_config, body
+from gateway.testing import RunningGateway, Upstream, base_config, body
+
+ROOT = Path(__file__).resolve().parent.parent
 
 IDENTITY = {"x-user-id", "x-auth-provider", "x-session-id", "x-auth-scopes"}
 
@@ -83,7 +85,7 @@ class Setup:
         return await self.rg.client.request("GET", path, headers=hdrs)
 
     async def stored(self, key_id: str) -> ApiKey:
-        record = await self.rg.gateway.profiles.get_api_key(key_id)
+        record = await self.rg.gateway.providers["apikey"].keys.get(key_id)
         assert record is not None
         return record
 
@@ -462,7 +464,7 @@ async def test_cli_refusals(make_gateway, upstream, tmp_path):
     assert code == 0 and key not in out + err and key_id in out
 
     # nothing was created by the refused commands
-    assert [k.id for k in await s.rg.gateway.profiles.list_api_keys(s.user_id)] == [key_id]
+    assert [k.id for k in await s.rg.gateway.providers["apikey"].keys.list(s.user_id)] == [key_id]
 
     # a broken configuration: exit 2 naming the problem
     bad = tmp_path / "bad.toml"

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_error, base_config, body, cookie_header, cookie_value
+from gateway.testing import assert_error, base_config, body, cookie_header, cookie_value
 
 PASSWORD = "correct horse"
 TOKEN_RE = re.compile(r"^gws_([A-Za-z0-9_\-]+)$")
@@ -241,13 +241,13 @@ async def test_lockout_after_max_failures(start, session_section):
     # a success resets the count
     for _ in range(2):
         assert_error(await bad_login(gw), 401, "invalid_credentials")
-    assert (await gw.gateway.session_store.peek(counter))[0] == 2
+    assert (await gw.gateway.state.peek(counter))[0] == 2
     assert (await good_login(gw)).code == 200
-    assert (await gw.gateway.session_store.peek(counter))[0] == 0
+    assert (await gw.gateway.state.peek(counter))[0] == 0
 
     for name in ("alice", "ALICE", "\uff21lice"):  # one counter per normalised username
         assert_error(await bad_login(gw, name), 401, "invalid_credentials")
-    count, left = await gw.gateway.session_store.peek(counter)
+    count, left = await gw.gateway.state.peek(counter)
     assert count == 3 and 0 < left <= 60
 
     for attempt in (bad_login(gw), good_login(gw)):  # the right password is refused too

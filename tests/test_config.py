@@ -6,6 +6,8 @@ real TOML files; the CLI is run as a subprocess, exactly as an operator would.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,9 +16,25 @@ from pathlib import Path
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import ConfigError, load_config, parse_duration, parse_size
+from gateway.config import (
+    ROUTE as ROUTE_OPTIONS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    PluginsConfig,
+    ProfilesConfig,
+    RouteConfig,
+    ServerConfig,
+    SessionsConfig,
+    describe_options,
+    load_config,
+    options_of,
+    read_config,
+)
+from gateway.options import Option, Section, parse_duration, parse_size, validate_table
+from gateway.routing import Route
 
-from conftest import FAST_ARGON2
+from password_support import FAST_ARGON2
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_BIN = ROOT / ".venv" / "bin" / "gateway"
@@ -87,7 +105,7 @@ def test_defaults():
     assert cfg.sessions.idle_timeout == 1800.0
     assert cfg.sessions.absolute_timeout == 7 * 86400.0
     assert cfg.sessions.store == "memory"
-    assert cfg.routes == []
+    assert cfg.routes == ()
 
 
 def test_route_defaults_and_values():
@@ -99,6 +117,199 @@ def test_route_defaults_and_values():
                                                                                             30.0, 5.0)
     assert (second.auth, second.strip_prefix, second.request_timeout) == ("public", True, 120.0)
     assert second.upstream == "https://x.example/base"
+
+
+# ---------------------------------------------------------------------------
+# The typed, frozen configuration
+# ---------------------------------------------------------------------------
+
+SECTION_CLASSES = {"server": ServerConfig, "sessions": SessionsConfig, "profiles": ProfilesConfig,
+                   "plugins": PluginsConfig}
+
+
+def test_the_option_lists_are_the_dataclass_fields():
+    for name, cls in SECTION_CLASSES.items():
+        assert [o.name for o in SECTIONS[name]] == [f.name for f in dataclasses.fields(cls)]
+        assert options_of(cls) == SECTIONS[name]
+    assert [o.name for o in ROUTE_OPTIONS] == [f.name for f in dataclasses.fields(RouteConfig)]
+    # A route option the proxy never hears of would be a silent no-op.
+    assert set(Route.__dataclass_fields__) == {o.name for o in ROUTE_OPTIONS}
+
+
+def test_dataclass_defaults_are_the_checked_option_defaults():
+    cfg = load_config(data={}, environ={})
+    assert cfg.server == ServerConfig()
+    assert cfg.sessions == SessionsConfig()
+    assert cfg.profiles == ProfilesConfig()
+    assert cfg.plugins == PluginsConfig()
+    assert ServerConfig().max_body_size == 10 * 2**20 and ServerConfig().trusted_proxies == ()
+
+
+@pytest.mark.parametrize("section, name", [("server", "port"), ("sessions", "idle_timeout"),
+                                           ("profiles", "store"), ("plugins", "disabled")])
+def test_core_sections_are_frozen(section, name):
+    cfg = load_config(data={}, environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(getattr(cfg, section), name, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(cfg, section, None)
+    assert not hasattr(getattr(cfg, section), "values")
+    with pytest.raises(TypeError):
+        getattr(cfg, section)[name]
+
+
+def test_routes_and_list_values_are_frozen():
+    cfg = load_config(data={"routes": [{**ROUTE, "scopes": ["a"]}],
+                            "server": {"trusted_proxies": ["10.0.0.0/8"]}}, environ={})
+    assert isinstance(cfg.routes, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.routes[0].prefix = "/other/"  # type: ignore[misc]
+    assert cfg.routes[0].scopes == ("a",)
+    assert isinstance(cfg.server.trusted_proxies, tuple)
+
+
+def test_with_server_makes_a_new_config():
+    cfg = load_config(data={"routes": [ROUTE]}, environ={})
+    moved = cfg.with_server(host="0.0.0.0", port=9999)
+    assert (moved.server.host, moved.server.port) == ("0.0.0.0", 9999)
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 8080)
+    assert moved.server.workers == cfg.server.workers and moved.routes == cfg.routes
+    assert isinstance(moved, Config)
+    with pytest.raises(TypeError):
+        cfg.with_server(hots="0.0.0.0")
+
+
+def test_cross_field_checks_have_no_side_effects():
+    server = ServerConfig(workers=2)
+    sessions = SessionsConfig(touch_interval=60.0, idle_timeout=30.0)
+    first = sessions.check(server)
+    assert first == sessions.check(server) and sessions == SessionsConfig(touch_interval=60.0, idle_timeout=30.0)
+    assert [p.split(":", 1)[0] for p in first] == ["sessions.store", "sessions.touch_interval"]
+    route = RouteConfig(prefix="/auth/x/", upstream="http://x", auth="public", scopes=("a",), allow_sessions=False)
+    assert [p.split(":", 1)[0] for p in route.check("routes[3]", ServerConfig())] == [
+        "routes[3].prefix", "routes[3].scopes", "routes[3].allow_sessions"]
+    assert route.check("routes[0]", ServerConfig(auth_prefix="/gw")) == [
+        "routes[0].scopes: a public route authenticates no one, so it cannot require scopes",
+        "routes[0].allow_sessions: a public route authenticates no one, so it cannot refuse sessions"]
+
+
+def test_read_config_keeps_defaults_for_bad_values():
+    cfg, problems = read_config(data={"server": {"port": "x"}, "routes": [{"prefix": "/a/"}, ROUTE]}, environ={})
+    assert_named(problems, "server.port")
+    assert_named(problems, "routes[0].upstream")
+    assert cfg.server.port == 8080
+    assert [r.prefix for r in cfg.routes] == ["/api/"]  # an incomplete route is reported, not kept
+
+
+def test_a_route_without_max_body_size_takes_the_servers():
+    cfg = load_config(data={"server": {"max_body_size": "1KiB"}, "routes": [ROUTE, {**ROUTE, "prefix": "/b/",
+                                                                                   "max_body_size": 0}]},
+                      environ={})
+    assert [r.max_body_size for r in cfg.routes] == [1024, 0]
+    assert [Route.from_config(r).max_body_size for r in cfg.routes] == [1024, 0]
+
+
+def test_secrets_stay_out_of_reprs():
+    cfg = load_config(data={"sessions": {"redis_url": "redis://:repr-secret@h/0"}}, environ={})
+    assert "repr-secret" not in repr(cfg.sessions) and "repr-secret" not in repr(cfg)
+    section = validate_table("providers.x", [Option("token", str, None, "a secret", secret=True)],
+                             {"token": "repr-secret"}, [], {})
+    assert section.token == "repr-secret"
+    assert "repr-secret" not in repr(section)
+
+
+def test_a_provider_section_is_read_by_attribute_only():
+    problems: list[str] = []
+    section = validate_table("providers.x", [Option("cache_ttl", parse_duration, "5s", "how long")],
+                             {}, problems, {})
+    assert problems == []
+    assert section.cache_ttl == 5.0
+    with pytest.raises(AttributeError):
+        section.nope
+    with pytest.raises(TypeError):
+        section["cache_ttl"]  # type: ignore[index]
+    for name in ("get", "values", "__getitem__"):
+        assert not hasattr(section, name), name
+    with pytest.raises(AttributeError):
+        section.cache_ttl = 1.0
+    with pytest.raises(AttributeError):
+        del section.cache_ttl
+    copy = section.as_dict()
+    copy["cache_ttl"] = 1.0
+    assert section.cache_ttl == 5.0
+    assert section == Section({"cache_ttl": 5.0})
+
+
+def test_a_providers_settings_are_a_frozen_section(tmp_path):
+    cfg = load_config(data={"profiles": {"sqlite_path": str(tmp_path / "p.db")},
+                            "providers": {"password": {"min_length": 12, **FAST_ARGON2}}}, environ={})
+    settings = Gateway(cfg).providers["password"].settings
+    assert isinstance(settings, Section) and settings.min_length == 12
+    with pytest.raises(AttributeError):
+        settings.min_length = 1
+
+
+#: every generic checker a plugin may use, by its public name
+PUBLIC_CHECKERS = ["parse_duration", "parse_size", "STR", "INT", "BOOL", "NONNEG_INT", "DURATION",
+                   "POSITIVE_DURATION", "SIZE", "at_least", "choice", "pattern", "http_url", "str_list", "SCOPE",
+                   "scopes", "networks", "origins", "port", "optional_size", "MAX_DURATION"]
+
+
+@pytest.mark.parametrize("name", PUBLIC_CHECKERS + ["ConfigError", "Option", "Section", "validate_table"])
+def test_every_public_checker_is_importable_from_gateway_options(name):
+    import gateway.options
+
+    assert name in gateway.options.__all__
+    assert getattr(gateway.options, name) is not None
+
+
+def test_public_checkers_behave():
+    import re
+
+    from gateway import options
+
+    assert options.http_url("https://api.example.com/") == "https://api.example.com"
+    assert options.pattern(re.compile(r"^wx\w+$"), "an AppID")("wx1") == "wx1"
+    assert options.choice("a", "b")("b") == "b"
+    assert options.at_least(options.INT, 2)(3) == 3
+    assert options.str_list(["a"]) == ("a",)
+    assert options.scopes(["orders:read"]) == ("orders:read",)
+    assert [str(n) for n in options.networks(["10.0.0.1"])] == ["10.0.0.1/32"]
+    assert options.origins(["HTTPS://App.Example.com/"]) == ("https://app.example.com",)
+    assert options.port(0) == 0 and options.optional_size(None) is None and options.optional_size("1KiB") == 1024
+    assert options.SCOPE.match("a:b") and options.MAX_DURATION == 10 * 365 * 86400.0
+    for check, bad in [(options.http_url, "ftp://x"), (options.choice("a"), "b"), (options.at_least(options.INT, 2), 1),
+                       (options.str_list, "a"), (options.scopes, ["a b"]), (options.networks, ["x"]),
+                       (options.origins, ["https://x/path"]), (options.port, 65536), (options.BOOL, 1),
+                       (options.STR, 1), (options.INT, True), (options.NONNEG_INT, -1),
+                       (options.POSITIVE_DURATION, 0), (options.SIZE, -1)]:
+        with pytest.raises(ValueError):
+            check(bad)
+
+
+def test_the_options_module_imports_only_the_standard_library():
+    import gateway.options
+
+    tree = ast.parse(Path(gateway.options.__file__).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "a relative import"
+            imported.add(node.module or "")
+    assert imported, "the walk found no imports at all"
+    assert not [m for m in imported if m.split(".")[0] not in sys.stdlib_module_names], imported
+
+
+def test_the_reference_tables_come_from_the_dataclasses():
+    tables = describe_options()
+    assert list(tables) == ["[server]", "[sessions]", "[profiles]", "[plugins]", "[[routes]]"]
+    assert "| `port` | `8080` | port to listen on |" in tables["[server]"]
+    assert "| `redis_url` | `\"redis://127.0.0.1:6379/0\"` | Redis URL (redis://, rediss://, unix://) (or `redis_url_env`) |" \
+        in tables["[sessions]"]
+    assert "| `prefix` | `(required)` |" in tables["[[routes]]"]
+    assert "| `max_body_size` | `(unset)` |" in tables["[[routes]]"]
 
 
 # ---------------------------------------------------------------------------
@@ -411,7 +622,7 @@ def test_touch_interval_must_be_shorter_than_the_idle_timeout():
 def test_a_provider_cannot_take_the_name_of_a_gateway_endpoint(tmp_path):
     from gateway import hookimpl
     from gateway.plugins import get_plugin_manager
-    from gateway.providers import Provider
+    from gateway.api import Provider
 
     class Sessions(Provider):
         name = "sessions"

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Client, body, children_of, free_port
+from gateway.testing import body, children_of, free_port
+from password_support import PasswordClient as Client
+
+ROOT = Path(__file__).resolve().parent.parent
 
 EXAMPLE_PKG = ROOT / "tests" / "plugins" / "gateway_example_provider"
 SECRET = "example-shared-secret-for-tests"
@@ -29,9 +33,11 @@ SECRET = "example-shared-secret-for-tests"
 def example_site(tmp_path_factory) -> Path:
     """The third-party provider package, installed with pip into its own directory."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "pkg"  # a build writes build/ and *.egg-info beside the source
+    shutil.copytree(EXAMPLE_PKG, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "tests"))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(EXAMPLE_PKG)],
+         "--target", str(target), str(source)],
         check=True, capture_output=True,
     )
     return target

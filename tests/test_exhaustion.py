@@ -21,12 +21,10 @@ from typing import Any
 
 import pytest
 
-from conftest import assert_error, base_config, body, cookie_header
-from test_streaming import (
+from gateway.testing import RssWatch, assert_error, base_config, body, cookie_header, plateau, until
+from gateway.testing.raw import (
     KiB,
     MiB,
-    GatewayProcess,
-    RssWatch,
     UpRequest,
     answer_digest,
     big_response,
@@ -35,15 +33,13 @@ from test_streaming import (
     close_quietly,
     connect,
     pattern,
-    plateau,
-    raw_up,  # noqa: F401  (the fixture)
     read_head,
     read_response,
     request_head,
-    until,
     upload,
     warm_up,
 )
+from password_support import GatewayProcess
 
 
 def gws() -> str:

@@ -12,15 +12,18 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import ROOT, assert_error, base_config, body, cookie_header, cookie_value
 from gateway import hookimpl
 from gateway.config import ConfigError, load_config
 from gateway.plugins import get_plugin_manager
 from gateway.sessions.manager import hash_token
+from gateway.testing import assert_error, base_config, body, cookie_header, cookie_value
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PASSWORD = "correct horse"
 LOGIN = "/auth/password/login"
@@ -171,7 +174,7 @@ async def test_a_login_refused_as_busy_never_counts_toward_the_lockout(start, se
     assert busy >= 1 and busy + tried == 20, codes
     assert tried < 10, codes  # the flood was mostly turned away as busy
     # only the attempts that were verified were counted, from this client and in all
-    store = gw.gateway.session_store
+    store = gw.gateway.state
     assert (await store.peek(provider._counter("alice")))[0] == tried
     assert (await store.peek(provider._client_counter("alice", "127.0.0.1")))[0] == tried
     r = await gw.client.request("POST", LOGIN, json_body={"username": "alice", "password": PASSWORD})

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_config, body
 from gateway import hookimpl, hookspecs
 from gateway.plugins import PluginError, get_plugin_manager
+from gateway.testing import base_config, body
+
+ROOT = Path(__file__).resolve().parent.parent
 
 HERE = Path(__file__).parent
 
@@ -242,7 +244,7 @@ async def test_one_failing_session_listener_does_not_silence_the_others(make_gat
 def test_provider_hook_problems_are_config_errors_naming_the_plugin(tmp_path, answer, expected):
     from gateway.app import Gateway
     from gateway.config import ConfigError, load_config
-    from gateway.providers import Provider
+    from gateway.api import Provider
 
     class Shaky(Provider):
         name = "shaky"
@@ -283,3 +285,53 @@ async def test_an_authenticator_answering_something_else_is_a_500(make_gateway, 
     r = await gw.client.request("GET", "/api/x")
     assert r.code == 500 and body(r)["error"] == "internal"
     assert upstream.seen == []
+
+
+def test_hook_gateway_commands(tmp_path, capsys):
+    """A plugin's subcommand runs with the configured profile store open; a
+    GatewayError from it exits 1 with its message, a bad [profiles] table
+    exits 2 before it runs; a disabled plugin's command does not exist."""
+    import argparse
+    import subprocess
+    import sys
+
+    from gateway.api import Command, CommandContext, GatewayError, add_config_option
+    from gateway.cli import run_command
+
+    seen: list[object] = []
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        add_config_option(parser)
+        parser.add_argument("--user", required=True)
+
+    async def run(args: argparse.Namespace, ctx: CommandContext) -> int:
+        if args.user == "fail":
+            raise GatewayError("conflict", "that went wrong")
+        seen.append(await ctx.profiles.get_user(args.user))
+        user, _, _ = await ctx.profiles.resolve_identity("cli", args.user)
+        print(f"made {user.id}")
+        return 3
+
+    command = Command("people", "manage people", configure, run)
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[profiles]\nsqlite_path = "{tmp_path / "p.db"}"\n')
+    parser = argparse.ArgumentParser()
+    command.configure(parser)
+    assert run_command(command, parser.parse_args(["--config", str(config), "--user", "bob"])) == 3
+    assert seen == [None] and "made u_" in capsys.readouterr().out
+    assert run_command(command, parser.parse_args(["--config", str(config), "--user", "fail"])) == 1
+    assert "error: that went wrong" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[profiles]\nstore = "floppy"\n')
+    assert run_command(command, parser.parse_args(["--config", str(bad), "--user", "bob"])) == 2
+    assert "profiles.store" in capsys.readouterr().err
+
+    # the built-in API-key plugin contributes "apikey" through this hook, and only while it is enabled
+    help_text = subprocess.run([sys.executable, "-m", "gateway.cli", "--help"], capture_output=True, text=True,
+                               cwd=str(ROOT)).stdout
+    assert "apikey" in help_text
+    off = tmp_path / "off.toml"
+    off.write_text(f'[profiles]\nsqlite_path = "{tmp_path / "p.db"}"\n[plugins]\ndisabled = ["apikey"]\n')
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "apikey", "list", "--config", str(off),
+                           "--user", "u_x"], capture_output=True, text=True, cwd=str(ROOT))
+    assert done.returncode == 2 and "invalid choice: 'apikey'" in done.stderr

@@ -25,7 +25,7 @@ import tornado.web
 import gateway
 from gateway.plugins import get_plugin_manager
 
-from conftest import RecordingHandler, Upstream, assert_error, base_config, body, free_port
+from gateway.testing import RecordingHandler, Upstream, assert_error, base_config, body, free_port
 
 IDENTITY = {"x-user-id", "x-auth-provider", "x-session-id", "x-auth-scopes"}
 LEAK_MARKERS = ("Traceback", "Error(", "HTTPClientError", "CurlError", "HTTPTimeoutError", "StreamClosedError",

@@ -52,6 +52,8 @@ def test_route_for_refuses_dot_segments_and_control_characters(path):
 
 TOKEN = "gws_" + "A" * 43
 KEY = "gwk_0123456789abcdef_" + "B" * 43
+#: the session token's prefix and an API-key provider's, as a gateway with it loaded knows them
+CREDENTIALS = policy.Credentials(("gws_", "gwk_"), headers=["X-API-Key"])
 
 
 @pytest.mark.parametrize("headers, query, where", [
@@ -65,7 +67,7 @@ KEY = "gwk_0123456789abcdef_" + "B" * 43
     ([("Referer", f"https://app.example/cb?token={TOKEN}")], "", "Referer"),
 ])
 def test_stray_credentials_are_found_and_named(headers, query, where):
-    found = policy.stray_credential(headers, query, "gw_session")
+    found = policy.stray_credential(headers, query, "gw_session", CREDENTIALS)
     assert found is not None and where in found
 
 
@@ -78,14 +80,15 @@ def test_stray_credentials_are_found_and_named(headers, query, where):
     ([("Authorization", "Basic dXNlcjpwYXNz")], ""),
 ])
 def test_credentials_where_the_gateway_reads_them_or_lookalikes_pass(headers, query):
-    assert policy.stray_credential(headers, query, "gw_session") is None
+    assert policy.stray_credential(headers, query, "gw_session", CREDENTIALS) is None
 
 
 def headers_for(incoming, *, trusted=False, strip=frozenset(), identity=(), websocket=False):
     return policy.upstream_request_headers(
         incoming, strip=set(strip), cookie_name="gw_session", peer_trusted=trusted,
         prior_forwarded_for="10.0.0.1" if trusted else "", peer="127.0.0.1", scheme="https",
-        host="gw.example", request_id="rid-1", upstream_host="up:9", identity=identity, websocket=websocket)
+        host="gw.example", request_id="rid-1", upstream_host="up:9", identity=identity, websocket=websocket,
+        credentials=CREDENTIALS)
 
 
 def test_request_headers_drop_forged_identity_hop_by_hop_and_the_gateway_credential():

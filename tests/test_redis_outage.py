@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import RedisServer, base_config, body, cookie_header
+from gateway.testing import RedisServer, base_config, body, cookie_header
 
 
 @pytest.fixture

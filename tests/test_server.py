@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import aiohttp
 
-from conftest import ROOT, Client, body, children_of
+from gateway.testing import Client, body, children_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GATEWAY = str(ROOT / "bin" / "gateway")
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -1,4 +1,7 @@
-"""One contract suite for both session stores: memory and a real redis-server."""
+"""One contract suite for both session stores: memory and a real redis-server.
+
+(Counters and shared values are the shared state's: see test_state.py.)
+"""
 
 from __future__ import annotations
 
@@ -103,20 +106,6 @@ async def test_max_per_user_evicts_oldest(store):
 
 
 @pytest.mark.gen_test
-async def test_counters_window(store):
-    assert await store.peek("k") == (0, 0.0)
-    assert (await store.hit("k", 0.5))[0] == 1
-    count, left = await store.hit("k", 0.5)
-    assert count == 2 and 0 < left <= 0.5
-    assert (await store.peek("k"))[0] == 2
-    await asyncio.sleep(0.6)
-    assert (await store.peek("k"))[0] == 0
-    assert (await store.hit("k", 10))[0] == 1
-    await store.clear("k")
-    assert (await store.peek("k"))[0] == 0
-
-
-@pytest.mark.gen_test
 async def test_manager_touch_writes_at_most_once_per_interval(store):
     mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0.3, rotation_grace=5)
     token, session = await mgr.create("u1", "password")
@@ -149,13 +138,11 @@ async def test_store_ttl_is_min_of_idle_and_absolute(redis_url, redis_server):
 async def test_memory_store_sweeps_what_expired():
     store = MemorySessionStore()
     await store.create(record("old"), 0.05, 0)
-    await store.hit("counter", 0.05)
     await store.create(record("live"), 60, 0)
     await asyncio.sleep(0.1)
     store.sweep()
     assert set(store._sessions) == {"live"}
     assert list(store._tokens) == [hash_token("tok-live")]
-    assert store._counters == {}
     assert list(store._users["u1"]) == ["live"]
 
 
@@ -207,35 +194,6 @@ async def test_manager_touch_racing_a_refresh_keeps_the_new_token(store):
     await asyncio.sleep(0.3)
     assert await mgr.authenticate(token) is None
     assert (await mgr.authenticate(new_token)).id == session.id
-
-
-@pytest.mark.gen_test
-async def test_shared_values_with_ttl(store):
-    assert await store.get_value("k") is None
-    await store.set_value("k", "v1", 0.3)
-    assert await store.get_value("k") == "v1"
-    assert await store.add_value("k", "other", 5) is False  # held: not replaced
-    assert await store.get_value("k") == "v1"
-    await store.set_value("k", "v2", 0.3)  # set replaces
-    assert await store.get_value("k") == "v2"
-    await asyncio.sleep(0.4)
-    assert await store.get_value("k") is None  # expired
-    assert await store.add_value("k", "v3", 5) is True
-    assert await store.delete_value("k", expected="not-it") is False
-    assert await store.get_value("k") == "v3"
-    assert await store.delete_value("k", expected="v3") is True
-    assert await store.get_value("k") is None
-    assert await store.delete_value("k") is False
-    await store.set_value("k", "v4", 5)
-    assert await store.delete_value("k") is True
-    assert await store.get_value("k") is None
-
-
-@pytest.mark.gen_test
-async def test_add_value_is_a_lock_only_one_caller_gets(store):
-    results = await asyncio.gather(*(store.add_value("lock", str(i), 5) for i in range(20)))
-    assert results.count(True) == 1
-    assert await store.get_value("lock") == str(results.index(True))
 
 
 # -- superseded tokens: remembered as long as the session, for reuse detection --

@@ -1,6 +1,6 @@
 import pytest
 
-from conftest import body
+from gateway.testing import body
 
 
 @pytest.mark.gen_test

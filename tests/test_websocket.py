@@ -35,8 +35,11 @@ import tornado.httputil
 import tornado.web
 import tornado.websocket
 
-from conftest import (ROOT, Client, RedisServer, assert_error, base_config, body, children_of, cookie_value,
-                      free_port, rss_bytes)
+from gateway.testing import (RedisServer, assert_error, base_config, body, children_of, cookie_value, free_port,
+                             rss_bytes)
+from password_support import PasswordClient as Client
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GATEWAY = str(ROOT / "bin" / "gateway")
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -311,7 +314,7 @@ class RawAnswer:
     writer: asyncio.StreamWriter
 
     @property
-    def code(self) -> int:  # so that conftest's assert_error reads it like an HTTP response
+    def code(self) -> int:  # so that gateway.testing's assert_error reads it like an HTTP response
         return self.status
 
     def close(self) -> None:

@@ -19,16 +19,19 @@ import logging
 import os
 import re
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 import tornado.httpclient
 from Crypto.Cipher import AES
 
-from conftest import ROOT, assert_error, base_config, body, free_port
 from fake_wechat import JSCODE2SESSION, PHONE, STABLE_TOKEN, start_fake_wechat
 from gateway.app import Gateway
 from gateway.config import ConfigError, load_config
+from gateway.testing import assert_error, base_config, body, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 gen = pytest.mark.gen_test(timeout=30)
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import tornado.web
+
+from gateway.api import Endpoint, LoginResult, Principal, Provider
+from gateway.app import Gateway
 from gateway.errors import GatewayError, not_found, unauthenticated
 from gateway.handlers.base import BaseHandler
-from gateway.providers import LoginResult, Provider
-from gateway.requestinfo import Principal
 from gateway.sessions.manager import SupersededToken
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gateway.app import Gateway
 
 
 class AuthHandler(BaseHandler):
@@ -67,17 +66,56 @@ class LoginHandler(AuthHandler):
         await self.start_session(result, self.provider.name)
 
 
+class EndpointHandler(AuthHandler):
+    """A provider's :class:`gateway.api.Endpoint`: one method; the answer
+    is what its function returns (JSON, a fresh session, or 204)."""
+
+    provider: Provider
+    endpoint: Endpoint
+
+    async def _serve(self) -> None:
+        if self.request.method != self.endpoint.method:
+            raise tornado.web.HTTPError(405)
+        result = await self.gateway.call_for(self.provider, f"endpoint {self.endpoint.path}",
+                                             self.endpoint.handler, self)
+        if isinstance(result, LoginResult):
+            await self.start_session(result, self.provider.name, status=201 if result.created else self.endpoint.status)
+        elif isinstance(result, dict):
+            self.write_json(result, self.endpoint.status)
+        elif result is None:
+            self.set_status(204)
+            self.finish()
+        else:
+            raise GatewayError("internal", "an internal error occurred",
+                               log_message=f"provider {self.provider.name!r} endpoint {self.endpoint.path!r} "
+                                           f"returned {type(result).__name__}")
+
+    async def get(self) -> None:
+        await self._serve()
+
+    async def post(self) -> None:
+        await self._serve()
+
+    async def put(self) -> None:
+        await self._serve()
+
+    async def patch(self) -> None:
+        await self._serve()
+
+    async def delete(self) -> None:
+        await self._serve()
+
+
 class RefreshHandler(AuthHandler):
     async def post(self) -> None:
         try:
-            principal = await self.require_session(allow_superseded=False)
+            _, current = await self.own_session(allow_superseded=False)
         except GatewayError as exc:
             if exc.code == "unauthenticated":
                 await self._end_if_reused()
             raise
-        assert principal.session is not None
         try:
-            token, session = await self.gateway.sessions.refresh(principal.session)
+            token, session = await self.gateway.sessions.refresh(current)
         except LookupError:
             raise unauthenticated("the session has ended") from None
         except SupersededToken:
@@ -129,9 +167,8 @@ class SessionHandler(AuthHandler):
     """``GET {auth_prefix}/session``: who am I, and until when."""
 
     async def get(self) -> None:
-        principal = await self.require_session()
-        assert principal.session is not None
-        self.write_json({"user": await self.user_body(principal), "session": principal.session.public()})
+        principal, session = await self.own_session()
+        self.write_json({"user": await self.user_body(principal), "session": session.public()})
 
 
 class SessionsHandler(AuthHandler):
@@ -161,7 +198,20 @@ class AuthNotFoundHandler(AuthHandler):
         raise not_found(f"no gateway endpoint {self.request.path}")
 
 
-def routes(gateway: "Gateway") -> list[tuple[Any, ...]]:
+def provider_routes(gateway: Gateway) -> list[tuple[Any, ...]]:
+    """Each enabled provider's login and endpoints."""
+    p = gateway.auth_path
+    out: list[tuple[Any, ...]] = []
+    for provider in gateway.providers.values():
+        if provider.login_route:
+            out.append((p(provider.name, "login"), LoginHandler, {"provider": provider}))
+        for endpoint in provider.endpoints():
+            out.append((p(provider.name, re.escape(endpoint.path)), EndpointHandler,
+                        {"provider": provider, "endpoint": endpoint}))
+    return out
+
+
+def routes(gateway: Gateway) -> list[tuple[Any, ...]]:
     p = gateway.auth_path
     out: list[tuple[Any, ...]] = [
         (p("refresh"), RefreshHandler),
@@ -171,13 +221,10 @@ def routes(gateway: "Gateway") -> list[tuple[Any, ...]]:
         (p("sessions"), SessionsHandler),
         (p("sessions", r"([A-Za-z0-9_\-]{1,64})"), SessionItemHandler),
     ]
-    for provider in gateway.providers.values():
-        if provider.login_route:
-            out.append((p(provider.name, "login"), LoginHandler, {"provider": provider}))
     return out
 
 
-def fallback_routes(gateway: "Gateway") -> list[tuple[Any, ...]]:
+def fallback_routes(gateway: Gateway) -> list[tuple[Any, ...]]:
     prefix = re.escape(gateway.config.server.auth_prefix.rstrip("/"))
     return [(prefix + r"(?:/.*)?", AuthNotFoundHandler)]
 

@@ -13,19 +13,17 @@ import logging
 import re
 import secrets
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Sequence, cast
 from urllib.parse import urlsplit
 
 import tornado.web
 from tornado.concurrent import Future
 
+from gateway.api import Principal
+from gateway.app import Gateway
 from gateway.errors import GatewayError, error_body_for_status, invalid_request, unauthenticated
 from gateway.plugins import plugin_failure
-from gateway.requestinfo import Principal
-from gateway.sessions.manager import SupersededToken
-
-if TYPE_CHECKING:  # pragma: no cover
-    from gateway.app import Gateway
+from gateway.sessions.manager import Session, SupersededToken
 
 log = logging.getLogger("gateway.app")
 
@@ -51,8 +49,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self._principal_resolved = False
 
     @property
-    def gateway(self) -> "Gateway":
-        return self.application.settings["gateway"]
+    def gateway(self) -> Gateway:
+        return cast(Gateway, self.application.settings["gateway"])
 
     # -- body ---------------------------------------------------------------
 
@@ -119,9 +117,9 @@ class BaseHandler(tornado.web.RequestHandler):
     def _too_large(self, limit: int) -> GatewayError:
         return GatewayError("payload_too_large", f"the request body exceeds the {limit}-byte limit")
 
-    def data_received(self, chunk: bytes) -> None:
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
         if self.response_finished:
-            return
+            return None
         self._body_size += len(chunk)
         if self._body_size > self.max_body_size:
             # A chunked body has no Content-Length to refuse up front: answer
@@ -129,8 +127,9 @@ class BaseHandler(tornado.web.RequestHandler):
             # connection close once the response is out.
             self._chunks = []
             self.send_error(413, exc_info=(GatewayError, self._too_large(self.max_body_size), None))
-            return
+            return None
         self._chunks.append(chunk)
+        return None
 
     @property
     def body(self) -> bytes:
@@ -258,7 +257,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def client_ip(self) -> str:
         """The client's address: the peer, or the right-most address in
         X-Forwarded-For that is not a trusted proxy (only when the peer is one)."""
-        cached = getattr(self, "_client_ip", None)
+        cached: str | None = getattr(self, "_client_ip", None)
         if cached is not None:
             return cached
         peer = self.request.remote_ip or ""
@@ -348,8 +347,15 @@ class BaseHandler(tornado.web.RequestHandler):
         self._principal, self._principal_resolved = principal, True
         return principal
 
-    async def require_session(self, **kwargs: Any) -> Principal:
-        principal = await self.get_principal(**kwargs)
+    async def own_session(self, *, allow_superseded: bool = True) -> tuple[Principal, Session]:
+        """:meth:`require_session`, with the gateway's own session record."""
+        principal = await self.require_session(allow_superseded=allow_superseded)
+        if not isinstance(principal.session, Session):  # a plugin's principal claiming a session
+            raise unauthenticated()
+        return principal, principal.session
+
+    async def require_session(self, *, allow_superseded: bool = True) -> Principal:
+        principal = await self.get_principal(allow_superseded=allow_superseded)
         if principal is None or principal.session is None:
             if self._token_source == "cookie":
                 # The browser cannot drop an HttpOnly cookie itself.  (Only
@@ -408,7 +414,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(value, ensure_ascii=False))
 
 
-def _in_networks(address: str, networks: list) -> bool:
+def _in_networks(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

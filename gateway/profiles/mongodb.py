@@ -1,16 +1,35 @@
 """A :class:`~gateway.profiles.base.ProfileStore` in MongoDB (``pymongo`` async API).
 
-Two collections:
+The store's own collections:
 
 ``users``
     ``{_id: <user id>, profile: {...}, created_at, updated_at}``
 ``identities``
     ``{_id: "<provider>:<subject>", provider, subject, user_id, data: {...},
     created_at}``, indexed on ``user_id``.
-``api_keys``
-    ``{_id: <key id>, user_id, name, scopes: [...], secret_hash, created_at,
-    expires_at, revoked_at, last_used_at}`` (missing or ``null`` times are
-    unset), indexed on ``user_id``.
+``record_sequences``
+    ``{_id: <collection name>, n}``: the last insertion number given out in
+    each plugin collection.
+
+A plugin's :class:`~gateway.api.Collection` ``<name>`` is the collection
+``plugin_<name>``, whose documents are the records with the key field as
+``_id``, plus ``_seq`` (the insertion number: :meth:`find` sorts on it) and
+``_unique`` (``{field: value}`` for each ``unique`` field holding a value).
+Its indexes, made on first use (``create_index`` is idempotent):
+``unique_<field>`` on ``_unique.<field>``, unique and partial (only where
+the value exists, so records without one never clash), and ``index_<field>``
+on ``(<field>, _seq)`` for each unique or ``indexes`` field.  A field
+declared later has its ``_unique`` values filled in before its unique index
+is made; a field no longer declared loses its indexes and values.  A
+conditional update is one ``find_one_and_update`` whose filter holds the
+``where``; ``Below(v)`` is ``{"$or": [{f: null}, {f: {"$lt": v}}]}`` (null
+also matches a missing field; ``$lt`` compares within one BSON type, dates
+as instants).  Datetimes are BSON dates, read back as UTC datetimes.  A
+duplicate key is a :class:`~gateway.errors.Conflict` naming the field,
+never its value.
+
+One-off upgrades of databases made by older versions run at open
+(:mod:`gateway.profiles.legacy`).
 
 Uniqueness of an identity rests on its natural key being the ``_id``, so a
 first login is one atomic upsert of the link (``$setOnInsert`` with a freshly
@@ -33,24 +52,33 @@ otherwise).  BSON datetimes have millisecond precision.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import unquote
 
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from gateway.errors import Conflict, StoreUnavailable
 from gateway.profiles.base import (
-    ApiKey,
+    Below,
+    Collection,
     Identity,
     ProfileStore,
+    Records,
     User,
+    check_changes,
+    check_collection,
+    check_record,
+    check_value,
+    check_where,
     identity_key,
     new_user_id,
     utcnow,
@@ -126,22 +154,67 @@ def _identity(doc: dict[str, Any]) -> Identity:
     )
 
 
-def _opt_utc(value: Any) -> datetime | None:
-    return None if value is None else _utc(value)
+# -- plugins' records ------------------------------------------------------------
+
+_SEQUENCES = "record_sequences"
+_INTERNAL = ("_id", "_seq", "_unique")  # record fields never begin with "_"
 
 
-def _api_key(doc: dict[str, Any]) -> ApiKey:
-    return ApiKey(
-        id=doc["_id"],
-        user_id=doc["user_id"],
-        name=doc.get("name", ""),
-        scopes=[str(s) for s in doc.get("scopes") or []],
-        secret_hash=doc.get("secret_hash", ""),
-        created_at=_utc(doc.get("created_at")),
-        expires_at=_opt_utc(doc.get("expires_at")),
-        revoked_at=_opt_utc(doc.get("revoked_at")),
-        last_used_at=_opt_utc(doc.get("last_used_at")),
-    )
+def _unique_fields(collection: Collection) -> list[str]:
+    return [f for f in dict.fromkeys(collection.unique) if f != collection.key]
+
+
+def _indexed_fields(collection: Collection) -> list[str]:
+    return [f for f in dict.fromkeys((*collection.unique, *collection.indexes)) if f != collection.key]
+
+
+def _to_doc(collection: Collection, record: dict[str, Any], seq: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {"_id": record[collection.key]}
+    doc.update((name, value) for name, value in record.items() if name != collection.key)
+    doc["_seq"] = seq
+    unique = {f: record[f] for f in _unique_fields(collection) if record.get(f) is not None}
+    if unique:
+        doc["_unique"] = unique
+    return doc
+
+
+def _from_doc(collection: Collection, doc: Mapping[str, Any]) -> dict[str, Any]:
+    record: dict[str, Any] = {collection.key: doc["_id"]}
+    for name, value in doc.items():
+        if name not in _INTERNAL:
+            record[name] = _utc(value) if isinstance(value, datetime) else value
+    return record
+
+
+def _match(collection: Collection, where: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``where`` as filter clauses (``None`` matches null or missing)."""
+    clauses: list[dict[str, Any]] = []
+    for name, expected in where.items():
+        path = "_id" if name == collection.key else name
+        if isinstance(expected, Below):
+            clauses.append({"$or": [{path: None}, {path: {"$lt": expected.value}}]})
+        else:
+            clauses.append({path: expected})
+    return clauses
+
+
+def _taken(collection: Collection, exc: DuplicateKeyError) -> Conflict:
+    """The Conflict for a duplicate key, naming the field from the index's key
+    pattern or name (never the value, which the error also carries)."""
+    details = exc.details if isinstance(exc.details, Mapping) else {}
+    pattern = details.get("keyPattern")
+    names = [str(n) for n in pattern] if isinstance(pattern, Mapping) else []
+    if not names:
+        found = re.search(r"index: (\S+)", str(exc))
+        names = [found.group(1)] if found else [""]
+    name = names[0]
+    if name in ("_id", "_id_"):
+        field = collection.key
+    elif name.startswith(("_unique.", "unique_")):
+        field = name.split(".", 1)[1] if name.startswith("_unique.") else name[len("unique_"):]
+    else:
+        field = "record"
+    return Conflict(f"that {field} is already taken")
 
 
 class MongoProfileStore(ProfileStore):
@@ -149,12 +222,18 @@ class MongoProfileStore(ProfileStore):
 
     name = "mongodb"
 
-    def __init__(self, url: str, database: str, timeout: float = 1.0) -> None:
+    def __init__(self, url: str, database: str, timeout: float = 1.0, *,
+                 migrations: tuple[Callable[["MongoProfileStore"], Awaitable[None]], ...] = ()) -> None:
+        #: one-off upgrades of databases made by older versions, run at open
+        self.migrations = migrations
         self._url = url
         self.database = database
         self.timeout = timeout
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
         self._indexes_ready = False
+        self._declared: dict[str, Collection] = {}
+        self._prepared: set[Collection] = set()
+        self._prepare_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:  # never show the URL: it may hold credentials
         return f"<{type(self).__name__} database={self.database!r} open={self._client is not None}>"
@@ -162,7 +241,7 @@ class MongoProfileStore(ProfileStore):
     # -- lifecycle ---------------------------------------------------------
 
     async def open(self) -> None:
-        """Build the client and create indexes idempotently.
+        """Build the client, create indexes idempotently and move legacy API keys.
 
         Raises :class:`StoreUnavailable` if the server cannot be reached; the
         client is kept, so later calls work (and finish creating the indexes)
@@ -184,6 +263,7 @@ class MongoProfileStore(ProfileStore):
     async def close(self) -> None:
         client, self._client = self._client, None
         self._indexes_ready = False
+        self._prepared.clear()
         if client is not None:
             with contextlib.suppress(PyMongoError):
                 await client.close()
@@ -193,22 +273,43 @@ class MongoProfileStore(ProfileStore):
             return
         with self._errors():
             await self._identities.create_index([("user_id", ASCENDING)], name="user_id")
-            await self._api_keys.create_index([("user_id", ASCENDING)], name="user_id")
+            for migrate in self.migrations:
+                await migrate(self)
         self._indexes_ready = True
+
+    async def reserve_seq(self, name: str, count: int = 1) -> int:
+        """Reserve ``count`` insertion numbers of a collection; the last one."""
+        for attempt in range(2):
+            try:
+                with self._errors_except_duplicate():
+                    doc = await self._db[_SEQUENCES].find_one_and_update(
+                        {"_id": name}, {"$inc": {"n": count}}, upsert=True,
+                        return_document=ReturnDocument.AFTER)
+                if doc is not None:
+                    return int(doc["n"])
+            except DuplicateKeyError:  # concurrent first upserts: the retry finds it
+                if attempt:
+                    raise StoreUnavailable(_WHAT, log_message="mongodb: sequence upsert kept conflicting") from None
+        raise StoreUnavailable(_WHAT, log_message="mongodb: sequence upsert returned nothing")
 
     # -- plumbing ----------------------------------------------------------
 
     @property
+    def db(self) -> AsyncDatabase[dict[str, Any]]:
+        """The database (for :mod:`gateway.profiles.legacy`)."""
+        return self._db
+
+    @property
+    def _db(self) -> AsyncDatabase[dict[str, Any]]:
+        return self._db_client()[self.database]
+
+    @property
     def _users(self) -> AsyncCollection[dict[str, Any]]:
-        return self._db_client()[self.database]["users"]
+        return self._db["users"]
 
     @property
     def _identities(self) -> AsyncCollection[dict[str, Any]]:
-        return self._db_client()[self.database]["identities"]
-
-    @property
-    def _api_keys(self) -> AsyncCollection[dict[str, Any]]:
-        return self._db_client()[self.database]["api_keys"]
+        return self._db["identities"]
 
     def _db_client(self) -> AsyncMongoClient[dict[str, Any]]:
         if self._client is None:
@@ -431,58 +532,122 @@ class MongoProfileStore(ProfileStore):
             docs = await cursor.to_list(None)
         return [_identity(doc) for doc in docs]
 
-    # -- API keys ----------------------------------------------------------------
+    # -- plugins' records ---------------------------------------------------------
 
-    async def create_api_key(self, key: ApiKey) -> None:
-        await self._ready()
-        doc = {
-            "_id": key.id,
-            "user_id": key.user_id,
-            "name": key.name,
-            "scopes": list(key.scopes),
-            "secret_hash": key.secret_hash,
-            "created_at": key.created_at,
-            "expires_at": key.expires_at,
-            "revoked_at": key.revoked_at,
-            "last_used_at": key.last_used_at,
-        }
-        with self._errors():
-            if await self._api_keys.find_one({"_id": key.id}, projection={"_id": 1}) is not None:
-                raise Conflict("that API key id already exists")
-            if await self._users.find_one({"_id": key.user_id}, projection={"_id": 1}) is None:
-                raise KeyError(key.user_id)
-            await self._api_keys.insert_one(doc)  # a concurrent duplicate: Conflict
+    def records(self, collection: Collection) -> Records:
+        check_collection(collection)
+        declared = self._declared.setdefault(collection.name, collection)
+        if declared != collection:
+            raise ValueError(f"collection {collection.name} is already declared otherwise")
+        return _MongoRecords(self, collection)
 
-    async def get_api_key(self, key_id: str) -> ApiKey | None:
+    async def _prepare(self, collection: Collection) -> AsyncCollection[dict[str, Any]]:
+        """The collection, its indexes made once per open (a lock keeps
+        concurrent first uses to one)."""
         await self._ready()
-        with self._errors():
-            doc = await self._api_keys.find_one({"_id": key_id})
-        return None if doc is None else _api_key(doc)
+        coll = self._db[f"plugin_{collection.name}"]
+        if collection in self._prepared:
+            return coll
+        if self._prepare_lock is None:
+            self._prepare_lock = asyncio.Lock()
+        async with self._prepare_lock:
+            if collection not in self._prepared:
+                with self._errors():
+                    await self._make_indexes(coll, collection)
+                self._prepared.add(collection)
+        return coll
 
-    async def list_api_keys(self, user_id: str) -> list[ApiKey]:
-        await self._ready()
-        with self._errors():
-            cursor = self._api_keys.find({"user_id": user_id}).sort([("created_at", ASCENDING), ("_id", ASCENDING)])
-            docs = await cursor.to_list(None)
-        return [_api_key(doc) for doc in docs]
+    @staticmethod
+    async def _make_indexes(coll: AsyncCollection[dict[str, Any]], collection: Collection) -> None:
+        unique, indexed = _unique_fields(collection), _indexed_fields(collection)
+        info = await coll.index_information()
+        for name in info:  # no longer declared: values, then index, go
+            if name.startswith("unique_") and name[len("unique_"):] not in unique:
+                path = f"_unique.{name[len('unique_'):]}"
+                await coll.update_many({path: {"$exists": True}}, {"$unset": {path: ""}})
+                await coll.drop_index(name)
+            elif name.startswith("index_") and name[len("index_"):] not in indexed:
+                await coll.drop_index(name)
+        for field in unique:
+            path = f"_unique.{field}"
+            if f"unique_{field}" not in info:  # declared since records were stored: fill in
+                await coll.update_many({field: {"$exists": True, "$ne": None}}, [{"$set": {path: f"${field}"}}])
+            await coll.create_index([(path, ASCENDING)], name=f"unique_{field}", unique=True,
+                                    partialFilterExpression={path: {"$exists": True}})
+        for field in indexed:
+            await coll.create_index([(field, ASCENDING), ("_seq", ASCENDING)], name=f"index_{field}")
 
-    async def revoke_api_key(self, key_id: str, when: datetime) -> ApiKey | None:
-        await self._ready()
-        with self._errors():
-            doc = await self._api_keys.find_one_and_update(
-                {"_id": key_id, "revoked_at": None},  # null or missing: not revoked yet
-                {"$set": {"revoked_at": when}},
-                return_document=ReturnDocument.AFTER,
-            )
-            if doc is None:  # unknown, or revoked before: the first revocation stands
-                doc = await self._api_keys.find_one({"_id": key_id})
-        return None if doc is None else _api_key(doc)
 
-    async def touch_api_key(self, key_id: str, when: datetime, older_than: datetime) -> bool:
-        await self._ready()
-        with self._errors():
-            result = await self._api_keys.update_one(
-                {"_id": key_id, "$or": [{"last_used_at": None}, {"last_used_at": {"$lt": older_than}}]},
-                {"$set": {"last_used_at": when}},
-            )
-        return result.modified_count > 0
+class _MongoRecords:
+    """The records of one collection in ``plugin_<name>`` (see the module docstring)."""
+
+    def __init__(self, store: MongoProfileStore, collection: Collection) -> None:
+        self._store = store
+        self._collection = collection
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._collection.name}>"
+
+    async def insert(self, record: Mapping[str, Any]) -> None:
+        values = check_record(self._collection, record)
+        coll = await self._store._prepare(self._collection)
+        seq = await self._store.reserve_seq(self._collection.name)
+        with self._store._errors():
+            try:
+                await coll.insert_one(_to_doc(self._collection, values, seq))
+            except DuplicateKeyError as exc:
+                raise _taken(self._collection, exc) from None
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        coll = await self._store._prepare(self._collection)
+        with self._store._errors():
+            doc = await coll.find_one({"_id": key})
+        return None if doc is None else _from_doc(self._collection, doc)
+
+    async def find(self, field: str, value: Any) -> list[dict[str, Any]]:
+        collection = self._collection
+        value = check_value(field, value)
+        if field == collection.key:
+            if not isinstance(value, str):
+                return []
+            query: dict[str, Any] = {"_id": value}
+        elif field in _indexed_fields(collection):
+            query = {field: value}
+        else:
+            raise ValueError(f"collection {collection.name}: {field!r} is not its key, a unique or an indexes field")
+        coll = await self._store._prepare(collection)
+        with self._store._errors():
+            docs = await coll.find(query).sort([("_seq", ASCENDING)]).to_list(None)
+        return [_from_doc(collection, doc) for doc in docs]
+
+    async def update(self, key: str, changes: Mapping[str, Any],
+                     where: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        collection = self._collection
+        values = check_changes(collection, key, changes)
+        query: dict[str, Any] = {"_id": key}
+        clauses = _match(collection, check_where(where))
+        if clauses:
+            query["$and"] = clauses
+        update: dict[str, dict[str, Any]] = {"$set": dict(values)} if values else {}
+        for field in _unique_fields(collection):
+            if field in values:
+                if values[field] is None:
+                    update.setdefault("$unset", {})[f"_unique.{field}"] = ""
+                else:
+                    update["$set"][f"_unique.{field}"] = values[field]
+        coll = await self._store._prepare(collection)
+        with self._store._errors():
+            if not update:  # nothing to change: the record, if ``where`` holds
+                doc = await coll.find_one(query)
+            else:
+                try:
+                    doc = await coll.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
+                except DuplicateKeyError as exc:
+                    raise _taken(collection, exc) from None
+        return None if doc is None else _from_doc(collection, doc)
+
+    async def delete(self, key: str) -> bool:
+        coll = await self._store._prepare(self._collection)
+        with self._store._errors():
+            result = await coll.delete_one({"_id": key})
+        return result.deleted_count > 0

@@ -11,10 +11,31 @@ read-modify-write runs inside ``BEGIN IMMEDIATE`` so it is also atomic against
 other processes sharing the file; this is what makes fifty concurrent first
 logins for one subject create exactly one user.
 
-API keys live in ``api_keys`` (the secret's SHA-256, never the key; scopes
-as a JSON list).  Profiles and identity data are stored as JSON text (``ensure_ascii=False``,
+Profiles and identity data are stored as JSON text (``ensure_ascii=False``,
 so any Unicode round-trips unchanged); datetimes are stored as ISO 8601
 strings in UTC and read back as timezone-aware UTC datetimes.
+
+A plugin's :class:`~gateway.api.Collection` ``<name>`` is the table
+``plugin_<name>``, made (with its indexes) on first use inside a write
+transaction, so concurrent first uses, in one process or several, are safe::
+
+    seq  INTEGER PRIMARY KEY  -- insertion order (a rowid alias, kept by VACUUM)
+    key  TEXT NOT NULL UNIQUE -- the record's key field
+    doc  TEXT NOT NULL        -- the record as JSON; a datetime as {"$dt": "<UTC ISO 8601>"}
+    f_<field>                 -- one per unique / indexes field: the value's JSON, NULL for None
+
+with a UNIQUE index on each ``unique`` column (NULLs never clash) and a plain
+index on each ``indexes`` column.  A field declared later gets its column
+(filled from the records already stored) and index at the next first use; a
+field no longer declared loses them.  A conditional update re-reads the
+record and writes it inside one ``BEGIN IMMEDIATE`` transaction, so it is
+atomic against other processes too; a ``Below`` bound is compared with the
+decoded value (datetimes as instants, numbers as numbers), never as text.
+A taken key or unique value is a :class:`~gateway.errors.Conflict` naming
+the field, never its value.
+
+One-off upgrades of files made by older versions run at open
+(:mod:`gateway.profiles.legacy`).
 
 Any :class:`sqlite3.Error` (or an :class:`OSError` preparing the file) is
 raised as :class:`~gateway.errors.StoreUnavailable`; neither the message nor
@@ -29,18 +50,26 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from gateway.errors import Conflict, StoreUnavailable
 from gateway.profiles.base import (
-    ApiKey,
+    Collection,
     Identity,
     ProfileStore,
+    Records,
     User,
+    check_changes,
+    check_collection,
+    check_record,
+    check_value,
+    check_where,
     identity_key,
     new_user_id,
+    record_matches,
     utcnow,
 )
 
@@ -66,18 +95,6 @@ CREATE TABLE IF NOT EXISTS identities (
     created_at  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS identities_user_id ON identities(user_id);
-CREATE TABLE IF NOT EXISTS api_keys (
-    id           TEXT PRIMARY KEY,
-    user_id      TEXT NOT NULL REFERENCES users(id),
-    name         TEXT NOT NULL,
-    scopes       TEXT NOT NULL DEFAULT '[]',
-    secret_hash  TEXT NOT NULL,
-    created_at   TEXT NOT NULL,
-    expires_at   TEXT,
-    revoked_at   TEXT,
-    last_used_at TEXT
-);
-CREATE INDEX IF NOT EXISTS api_keys_user_id ON api_keys(user_id);
 """
 
 
@@ -100,23 +117,8 @@ def _dt(text: str) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-def _opt_ts(value: datetime | None) -> str | None:
-    return None if value is None else _ts(value)
-
-
 def _opt_dt(text: str | None) -> datetime | None:
     return None if text is None else _dt(text)
-
-
-_API_KEY_COLUMNS = "id, user_id, name, scopes, secret_hash, created_at, expires_at, revoked_at, last_used_at"
-
-
-def _api_key_row(row: tuple[Any, ...]) -> ApiKey:
-    return ApiKey(
-        id=row[0], user_id=row[1], name=row[2], scopes=[str(s) for s in json.loads(row[3] or "[]")],
-        secret_hash=row[4], created_at=_dt(row[5]), expires_at=_opt_dt(row[6]),
-        revoked_at=_opt_dt(row[7]), last_used_at=_opt_dt(row[8]),
-    )
 
 
 def _merge(current: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
@@ -144,15 +146,113 @@ def _unavailable(exc: BaseException, action: str) -> StoreUnavailable:
     return StoreUnavailable(_WHAT, log_message=f"sqlite {action} failed: {detail}")
 
 
+# -- plugins' records (worker thread) ----------------------------------------------
+
+_DT = "$dt"  # tags a datetime in a record's JSON (no plugin object key begins with "$")
+
+
+def _encode(value: Any) -> Any:
+    return {_DT: _ts(value)} if isinstance(value, datetime) else value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and len(value) == 1 and isinstance(value.get(_DT), str):
+        return _dt(value[_DT])
+    return value
+
+
+def _doc(record: dict[str, Any]) -> str:
+    return _dumps({name: _encode(value) for name, value in record.items()})
+
+
+def _record(doc: str) -> dict[str, Any]:
+    return {name: _decode(value) for name, value in json.loads(doc).items()}
+
+
+def _column_value(value: Any) -> str | None:
+    """What a field's column holds: NULL for ``None``, else the value's JSON,
+    so values of different types never clash (``"1"`` is not ``1``; ``1.0``
+    is ``1``)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)
+    return json.dumps(_encode(value), ensure_ascii=False, separators=(",", ":"))
+
+
+def _table(collection: Collection) -> str:
+    return f"plugin_{collection.name}"
+
+
+def _fields(collection: Collection) -> list[str]:
+    """The fields with a column of their own: unique first, then indexes."""
+    return [f for f in dict.fromkeys((*collection.unique, *collection.indexes)) if f != collection.key]
+
+
+def _prepare_collection(conn: sqlite3.Connection, collection: Collection) -> None:
+    """The table, columns and indexes of ``collection``, idempotently (inside
+    a write transaction, so a concurrent process waits and then finds them)."""
+    table = _table(collection)
+    conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" ('
+                 "seq INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, doc TEXT NOT NULL)")
+    columns = {str(row[1]) for row in conn.execute(f'PRAGMA table_info("{table}")')}
+    wanted = _fields(collection)
+    for column in sorted(c for c in columns if c.startswith("f_") and c[2:] not in wanted):
+        # no longer declared: its index and column go (no stale values linger)
+        conn.execute(f'DROP INDEX IF EXISTS "{table}:unique:{column[2:]}"')
+        conn.execute(f'DROP INDEX IF EXISTS "{table}:index:{column[2:]}"')
+        conn.execute(f'ALTER TABLE "{table}" DROP COLUMN "{column}"')
+    for field in wanted:
+        if f"f_{field}" not in columns:  # newly declared: fill from what is stored
+            conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "f_{field}"')
+            for seq, doc in conn.execute(f'SELECT seq, doc FROM "{table}"').fetchall():
+                conn.execute(f'UPDATE "{table}" SET "f_{field}" = ? WHERE seq = ?',
+                             (_column_value(_record(doc).get(field)), seq))
+        unique = field in collection.unique
+        conn.execute(f'DROP INDEX IF EXISTS "{table}:{"index" if unique else "unique"}:{field}"')
+        conn.execute(f'CREATE {"UNIQUE " if unique else ""}INDEX IF NOT EXISTS'
+                     f' "{table}:{"unique" if unique else "index"}:{field}" ON "{table}" ("f_{field}")')
+
+
+def _taken(collection: Collection, exc: sqlite3.IntegrityError) -> Conflict:
+    """The Conflict for a unique violation, naming the field (never the value):
+    SQLite says ``UNIQUE constraint failed: <table>.<column>``."""
+    column = str(exc).rsplit(".", 1)[-1].strip()
+    field = collection.key if column == "key" else column[2:] if column.startswith("f_") else "record"
+    return Conflict(f"that {field} is already taken")
+
+
+def _insert(conn: sqlite3.Connection, collection: Collection, record: dict[str, Any],
+            or_ignore: bool = False) -> None:
+    fields = _fields(collection)
+    columns = ", ".join(["key", "doc", *(f'"f_{f}"' for f in fields)])
+    marks = ", ".join("?" * (2 + len(fields)))
+    values = [record[collection.key], _doc(record), *(_column_value(record.get(f)) for f in fields)]
+    try:
+        conn.execute(f'INSERT {"OR IGNORE " if or_ignore else ""}INTO "{_table(collection)}"'
+                     f" ({columns}) VALUES ({marks})", values)
+    except sqlite3.IntegrityError as exc:
+        raise _taken(collection, exc) from None
+
+
+#: A one-off upgrade run at open, inside a write transaction (so of several
+#: processes opening the file only the first one does the work).
+Migration = Callable[[sqlite3.Connection], None]
+
+
 class SQLiteProfileStore(ProfileStore):
     """Users and identity links in one SQLite file.  See the module docstring."""
 
     name = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, migrations: tuple[Migration, ...] = ()) -> None:
         self.path = path
+        self.migrations = migrations
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._declared: dict[str, Collection] = {}
+        self._prepared: set[Collection] = set()
+        self._prepare_lock: asyncio.Lock | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} open={self._conn is not None}>"
@@ -170,6 +270,7 @@ class SQLiteProfileStore(ProfileStore):
         except StoreUnavailable:
             executor.shutdown(wait=False)
             raise
+        self._prepare_lock = asyncio.Lock()
         self._executor = executor
 
     async def close(self) -> None:
@@ -178,6 +279,7 @@ class SQLiteProfileStore(ProfileStore):
         if executor is None:
             return
         conn, self._conn = self._conn, None
+        self._prepared.clear()  # ":memory:" forgets its tables
         loop = asyncio.get_running_loop()
         try:
             if conn is not None:
@@ -187,16 +289,18 @@ class SQLiteProfileStore(ProfileStore):
         finally:
             executor.shutdown(wait=False)
 
-    @staticmethod
-    def _prepare_file(conn: sqlite3.Connection, attempts: int = 50) -> None:
-        """WAL mode and the schema.  Several worker processes may open a new
-        file at once, and switching the journal mode answers "locked" without
-        waiting for the busy timeout: retry for a few seconds."""
+    def _prepare_file(self, conn: sqlite3.Connection, attempts: int = 50) -> None:
+        """WAL mode, the schema and the one-off migration.  Several worker
+        processes may open a new file at once, and switching the journal mode
+        answers "locked" without waiting for the busy timeout: retry for a few
+        seconds."""
         for attempt in range(attempts):
             try:
                 if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                     conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
+                for migrate in self.migrations:
+                    SQLiteProfileStore._transaction(conn, migrate, raw=True)
                 return
             except sqlite3.OperationalError as exc:
                 if attempt + 1 == attempts or "locked" not in str(exc) and "busy" not in str(exc):
@@ -241,7 +345,10 @@ class SQLiteProfileStore(ProfileStore):
             raise StoreUnavailable(_WHAT, log_message=f"sqlite profile store closed: {exc}") from None
 
     @staticmethod
-    def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
+    def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], write: bool = True,
+                     raw: bool = False) -> T:
+        """``fn(conn)`` in one transaction; a :class:`sqlite3.Error` becomes
+        StoreUnavailable (``raw``: is raised as it is)."""
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
@@ -258,6 +365,8 @@ class SQLiteProfileStore(ProfileStore):
                     conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            if raw:
+                raise
             raise _unavailable(exc, "query") from None
 
     # -- row helpers (worker thread) ----------------------------------------
@@ -413,56 +522,104 @@ class SQLiteProfileStore(ProfileStore):
 
         return await self._run(work, write=False)
 
-    # -- API keys ----------------------------------------------------------------
+    # -- plugins' records ---------------------------------------------------------
 
-    @staticmethod
-    def _api_key(conn: sqlite3.Connection, key_id: str) -> ApiKey | None:
-        row = conn.execute(f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-        return None if row is None else _api_key_row(row)
+    def records(self, collection: Collection) -> Records:
+        check_collection(collection)
+        declared = self._declared.setdefault(collection.name, collection)
+        if declared != collection:
+            raise ValueError(f"collection {collection.name} is already declared otherwise")
+        return _SQLiteRecords(self, collection)
 
-    async def create_api_key(self, key: ApiKey) -> None:
-        def work(conn: sqlite3.Connection) -> None:
-            if self._api_key(conn, key.id) is not None:
-                raise Conflict("that API key id already exists")
-            if self._user(conn, key.user_id) is None:
-                raise KeyError(key.user_id)
-            conn.execute(
-                f"INSERT INTO api_keys ({_API_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key.id, key.user_id, key.name, json.dumps(list(key.scopes), ensure_ascii=False),
-                 key.secret_hash, _ts(key.created_at), _opt_ts(key.expires_at),
-                 _opt_ts(key.revoked_at), _opt_ts(key.last_used_at)),
-            )
+    async def _prepare(self, collection: Collection) -> None:
+        """Make the collection's table and indexes once per open (a lock keeps
+        concurrent first uses to one)."""
+        if collection in self._prepared:
+            return
+        lock = self._prepare_lock
+        if lock is None or self._conn is None:
+            raise StoreUnavailable(_WHAT, log_message="sqlite profile store is not open")
+        async with lock:
+            if collection not in self._prepared:
+                await self._run(lambda conn: _prepare_collection(conn, collection))
+                self._prepared.add(collection)
 
-        await self._run(work)
 
-    async def get_api_key(self, key_id: str) -> ApiKey | None:
-        return await self._run(lambda conn: self._api_key(conn, key_id), write=False)
+class _SQLiteRecords:
+    """The records of one collection in its ``plugin_<name>`` table (see the
+    module docstring)."""
 
-    async def list_api_keys(self, user_id: str) -> list[ApiKey]:
-        def work(conn: sqlite3.Connection) -> list[ApiKey]:
-            rows = conn.execute(
-                f"SELECT {_API_KEY_COLUMNS} FROM api_keys WHERE user_id = ? ORDER BY created_at, rowid",
-                (user_id,),
-            ).fetchall()
-            return [_api_key_row(row) for row in rows]
+    def __init__(self, store: SQLiteProfileStore, collection: Collection) -> None:
+        self._store = store
+        self._collection = collection
+        self._table = _table(collection)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._collection.name}>"
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        await self._store._prepare(self._collection)
+        return await self._store._run(fn, write=write)
+
+    async def insert(self, record: Mapping[str, Any]) -> None:
+        values = check_record(self._collection, record)
+        await self._run(lambda conn: _insert(conn, self._collection, values))
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        def work(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute(f'SELECT doc FROM "{self._table}" WHERE key = ?', (key,)).fetchone()
+            return None if row is None else _record(row[0])
 
         return await self._run(work, write=False)
 
-    async def revoke_api_key(self, key_id: str, when: datetime) -> ApiKey | None:
-        def work(conn: sqlite3.Connection) -> ApiKey | None:
-            conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                         (_ts(when), key_id))
-            return self._api_key(conn, key_id)
+    async def find(self, field: str, value: Any) -> list[dict[str, Any]]:
+        collection = self._collection
+        value = check_value(field, value)
+        params: list[Any] = []
+        if field == collection.key:
+            if not isinstance(value, str):
+                return []
+            where, params = "key = ?", [value]
+        elif field in _fields(collection):
+            encoded = _column_value(value)
+            where, params = (f'"f_{field}" IS NULL', []) if encoded is None else (f'"f_{field}" = ?', [encoded])
+        else:
+            raise ValueError(f"collection {collection.name}: {field!r} is not its key, a unique or an indexes field")
+
+        def work(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(f'SELECT doc FROM "{self._table}" WHERE {where} ORDER BY seq', params).fetchall()
+            return [_record(row[0]) for row in rows]
+
+        return await self._run(work, write=False)
+
+    async def update(self, key: str, changes: Mapping[str, Any],
+                     where: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        collection = self._collection
+        values = check_changes(collection, key, changes)
+        conditions = check_where(where)
+        columns = [f for f in _fields(collection) if f in values]
+
+        def work(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            # inside BEGIN IMMEDIATE: nobody writes between this read and the write
+            row = conn.execute(f'SELECT doc FROM "{self._table}" WHERE key = ?', (key,)).fetchone()
+            if row is None:
+                return None
+            record = _record(row[0])
+            if not record_matches(record, conditions):
+                return None
+            record.update(values)
+            sets = ", ".join(["doc = ?", *(f'"f_{f}" = ?' for f in columns)])
+            try:
+                conn.execute(f'UPDATE "{self._table}" SET {sets} WHERE key = ?',
+                             [_doc(record), *(_column_value(values[f]) for f in columns), key])
+            except sqlite3.IntegrityError as exc:
+                raise _taken(collection, exc) from None
+            return record
 
         return await self._run(work)
 
-    async def touch_api_key(self, key_id: str, when: datetime, older_than: datetime) -> bool:
-        # Stored times share one format (UTC, microseconds), so they compare as text.
+    async def delete(self, key: str) -> bool:
         def work(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
-                "UPDATE api_keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
-                (_ts(when), key_id, _ts(older_than)),
-            )
-            return cursor.rowcount > 0
+            return conn.execute(f'DELETE FROM "{self._table}" WHERE key = ?', (key,)).rowcount > 0
 
         return await self._run(work)

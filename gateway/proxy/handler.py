@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator, Callable
+from http.client import responses
+from typing import Any, AsyncIterator, Callable, cast
 
 import tornado.httputil
 import tornado.iostream
+from tornado.http1connection import HTTP1Connection
 
 from gateway.errors import GatewayError, invalid_request, not_found, unauthenticated
 from gateway.handlers.base import BaseHandler
@@ -39,7 +41,7 @@ from gateway.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from gateway.requestinfo import Principal
+from gateway.api import Principal
 from gateway.routing import Route
 
 log = logging.getLogger("gateway.proxy")
@@ -140,6 +142,10 @@ class ProxyHandler(BaseHandler):
     _client_left = False
     _channel: BodyChannel | None = None
     _received = 0
+    #: the upstream request's headers, for a request without a body
+    _upstream_request_headers: list[tuple[str, str]] | None = None
+    #: the running exchange's deadline
+    _deadline: asyncio.Timeout | None = None
 
     def compute_etag(self) -> None:
         return None  # the upstream's ETag, if any, is relayed as is
@@ -185,7 +191,7 @@ class ProxyHandler(BaseHandler):
             return self.answer_preflight()
         principal = await self.admit(route)
         upstream_headers = await self.build_upstream_headers(route, principal)
-        connection = request.connection
+        connection = self._connection()
         if has_body:
             if connection is not None:
                 connection.set_max_body_size(2 * limit + 65536 if limit else UNLIMITED)
@@ -202,11 +208,12 @@ class ProxyHandler(BaseHandler):
         where it matters (401, clearing a dead cookie), route policy (403)
         and cross-site cookie requests (403 ``csrf``)."""
         request = self.request
+        credentials = self.gateway.credentials
         where = policy.stray_credential(request.headers.get_all(), request.query,
-                                        self.gateway.config.sessions.cookie_name)
+                                        self.gateway.config.sessions.cookie_name, credentials)
         if where is not None:
             raise invalid_request(f"a gateway token or API key was found in {where}; send it only as "
-                                  "Authorization: Bearer, X-API-Key or the session cookie")
+                                  f"{credentials.places} or the session cookie")
         if route.auth == "public":
             return None
         principal = await self.get_principal()
@@ -272,6 +279,7 @@ class ProxyHandler(BaseHandler):
             upstream_host=request.host if route.preserve_host else route.upstream_host,
             identity=identity,
             websocket=websocket,
+            credentials=self.gateway.credentials,
         )
         extras = await self.gateway.upstream_headers(request, principal, route)
         for extra in extras:
@@ -303,7 +311,7 @@ class ProxyHandler(BaseHandler):
     def _body_complete(self) -> None:
         """The upstream took the whole body: now its answer is due within
         ``request_timeout``."""
-        deadline = getattr(self, "_deadline", None)
+        deadline = self._deadline
         if deadline is not None and deadline.when() is None:
             deadline.reschedule(asyncio.get_running_loop().time() + self.route.request_timeout)
 
@@ -315,7 +323,7 @@ class ProxyHandler(BaseHandler):
 
     async def _handle(self, *args: Any) -> None:
         if self._channel is None:
-            headers = getattr(self, "_upstream_request_headers", None)
+            headers = self._upstream_request_headers
             if headers is None:
                 return  # answered in prepare() (a preflight)
             # No body: the exchange runs right here, in the request's own task,
@@ -433,7 +441,7 @@ class ProxyHandler(BaseHandler):
 
     def _start_response(self, response: UpstreamResponse) -> None:
         code = response.status
-        self.set_status(code, response.reason or tornado.httputil.responses.get(code, "Unknown"))
+        self.set_status(code, response.reason or responses.get(code, "Unknown"))
         for name in ("Content-Type", "Date", "Server"):
             self.clear_header(name)
         if policy.does_own_cors(response.headers):  # the upstream does its own CORS: its headers, not ours
@@ -450,8 +458,14 @@ class ProxyHandler(BaseHandler):
                     self.request.method, self.request.path, why)
         self._close_connection()
 
+    def _connection(self) -> HTTP1Connection | None:
+        """The client's connection: Tornado types it as the HTTPConnection
+        interface, but its HTTP server always gives an HTTP1Connection, which
+        has the body limit and close() used here."""
+        return cast("HTTP1Connection | None", self.request.connection)
+
     def _close_connection(self) -> None:
-        connection = self.request.connection
+        connection = self._connection()
         if connection is not None:
             connection.close()
 

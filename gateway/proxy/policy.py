@@ -53,9 +53,40 @@ _DOT_SEGMENT = re.compile(r"(^|[/\\])\.\.?(;[^/\\]*)?([/\\]|$)")
 #: Control characters, and a raw ``#`` (a client never sends a fragment; an
 #: upstream would cut the path there).
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f#]")
-#: A gateway session token or API key, wherever it appears.
-CREDENTIAL = re.compile(r"gw[sk]_[A-Za-z0-9_\-]{16,}")
-_CREDENTIAL_HINT = ("gws_", "gwk_", "gws%5f", "gwk%5f", "gws%5F", "gwk%5F")
+
+
+class Credentials:
+    """How the gateway's credentials look: its session tokens' prefix and
+    those its providers declare (``credential_prefixes``), and the headers
+    providers read credentials from (``credential_header_names``)."""
+
+    def __init__(self, prefixes: Sequence[str], headers: Iterable[str] = ()) -> None:
+        self.prefixes = tuple(dict.fromkeys(prefixes))
+        #: where a client may send a credential, for messages
+        self.places = ", ".join(["Authorization: Bearer", *dict.fromkeys(headers)])
+        #: canonical names of the headers providers read credentials from
+        self.headers = frozenset(canonical(h) for h in headers)
+        alternatives = "|".join(re.escape(p) for p in self.prefixes) or r"(?!)"
+        #: a credential wherever it appears (at least 16 characters after its prefix)
+        self.pattern = re.compile(rf"(?:{alternatives})[A-Za-z0-9_\-]{{16,}}")
+        hints: set[str] = set()
+        for p in self.prefixes:
+            hints.update({p, p.replace("_", "%5f"), p.replace("_", "%5F")})
+        self._hints = tuple(sorted(hints))
+
+    def begins(self, value: str) -> bool:
+        """Does ``value`` hold any credential prefix (a cheap first look)?"""
+        return any(p in value for p in self.prefixes)
+
+    def within(self, value: str) -> bool:
+        """Does ``value``, as sent or form-decoded, hold a credential?"""
+        if not any(h in value for h in self._hints):
+            return False
+        return bool(self.pattern.search(value) or self.pattern.search(unquote_plus(value)))
+
+
+#: Only the gateway's own session tokens (no provider loaded).
+SESSION_TOKENS = Credentials(("gws_",))
 
 
 def canonical(name: str) -> str:
@@ -99,18 +130,14 @@ def route_for(table: RouteTable, path: str) -> Route | None:
 # -- credentials in the wrong place ---------------------------------------------------
 
 
-def _holds_credential(value: str) -> bool:
-    if not any(h in value for h in _CREDENTIAL_HINT):
-        return False
-    return bool(CREDENTIAL.search(value) or CREDENTIAL.search(unquote_plus(value)))
-
-
-def stray_credential(headers: Iterable[tuple[str, str]], query: str, cookie_name: str) -> str | None:
+def stray_credential(headers: Iterable[tuple[str, str]], query: str, cookie_name: str,
+                     credentials: Credentials = SESSION_TOKENS) -> str | None:
     """Where, outside the places the gateway reads (``Authorization: Bearer``,
-    ``X-API-Key`` and its own cookie), this request carries a gateway token
-    or API key; ``None`` when nowhere.  Such a request is refused rather
+    the providers' credential headers and its own cookie), this request
+    carries a credential of the gateway or of a provider; ``None`` when
+    nowhere.  Such a request is refused rather
     than forwarded with the credential in it."""
-    if query and _holds_credential(query):
+    if query and credentials.within(query):
         return "the query string"
     for name, value in headers:
         key = canonical(name)
@@ -125,20 +152,20 @@ def stray_credential(headers: Iterable[tuple[str, str]], query: str, cookie_name
                     decoded = base64.b64decode(rest.strip(), validate=False).decode("utf-8", "replace")
                 except (binascii.Error, ValueError):
                     decoded = ""
-                if _holds_credential(decoded):
+                if credentials.within(decoded):
                     return "the Authorization header's Basic credentials"
-            if _holds_credential(value):
+            if credentials.within(value):
                 return "the Authorization header"
             continue
-        if key == "x-api-key":
-            continue  # read (and judged) by the API key provider
+        if key in credentials.headers:
+            continue  # read (and judged) by the provider that declares it
         if key == "cookie":
             for part in value.split(";"):
                 cname, _, cvalue = part.strip().partition("=")
-                if cname.strip() != cookie_name and _holds_credential(cvalue):
+                if cname.strip() != cookie_name and credentials.within(cvalue):
                     return f"the cookie {cname.strip()[:64]!r}"
             continue
-        if _holds_credential(value):
+        if credentials.within(value):
             return f"the {name[:64]} header"
     return None
 
@@ -170,6 +197,7 @@ def upstream_request_headers(
     upstream_host: str,
     identity: Sequence[tuple[str, str]] = (),
     websocket: bool = False,
+    credentials: Credentials = SESSION_TOKENS,
 ) -> Headers:
     """The headers sent upstream: the client's, minus hop-by-hop ones, the
     gateway-owned names, client facts from untrusted peers, credentials
@@ -187,8 +215,8 @@ def upstream_request_headers(
             continue
         if not peer_trusted and (key in CLIENT_FACTS or key.startswith("x-forwarded-")):
             continue
-        if key in ("authorization", "x-api-key") and ("gws_" in value or "gwk_" in value):
-            continue  # the gateway's own credentials, whichever plugins are loaded
+        if (key == "authorization" or key in credentials.headers) and credentials.begins(value):
+            continue  # a credential of the gateway or of a provider
         if key == "cookie":
             value = without_cookie(value, cookie_name)
             if not value:

@@ -4,7 +4,7 @@ bodies streamed both ways, failures as typed exceptions.
 It stands behind a small interface of our own (:class:`UpstreamClient`,
 :class:`UpstreamResponse` and the :class:`UpstreamError` family), so that the
 handler knows nothing of the library underneath.  That library is aiohttp's
-client (chosen by measurement, see the README): it keeps a bounded pool of
+client (chosen by measurement, see docs/operations.md): it keeps a bounded pool of
 keep-alive connections, parses responses in C, streams a request body from
 an async iterator and never resends a request that is not idempotent.
 

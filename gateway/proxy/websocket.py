@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Any
 
+import tornado.httputil
 import tornado.routing
 import tornado.web
 import tornado.websocket
@@ -31,7 +32,8 @@ import tornado.websocket
 from gateway.errors import GatewayError, StoreUnavailable, invalid_request
 from gateway.proxy.handler import ProxyHandler
 from gateway.proxy.upstream import UpstreamError, UpstreamFailed, UpstreamSocket, UpstreamTimeout
-from gateway.requestinfo import Principal
+from gateway.api import Principal
+from gateway.app import Gateway
 from gateway.sessions.manager import Session
 
 log = logging.getLogger("gateway.proxy")
@@ -47,7 +49,7 @@ GOING_AWAY = 1001
 class UpgradeMatcher(tornado.routing.Matcher):
     """Matches ``Upgrade: websocket`` requests (whatever their path)."""
 
-    def match(self, request: Any) -> dict[str, Any] | None:
+    def match(self, request: tornado.httputil.HTTPServerRequest) -> dict[str, Any] | None:
         upgrade = request.headers.get("Upgrade")
         if upgrade is not None and upgrade.strip().lower() == "websocket":
             return {}
@@ -214,7 +216,7 @@ class SocketWatcher:
     """Closes sockets whose session ended: one check of every open socket's
     session (or API key) each :data:`WATCH_INTERVAL`, per process."""
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.sockets: set[WebSocketProxyHandler] = set()
         self._task: "asyncio.Task[None] | None" = None
@@ -292,9 +294,11 @@ def _live(session: Session, now: float) -> bool:
     return now < session.expires_at and now < session.absolute_expires_at
 
 
-def watcher(gateway: Any) -> SocketWatcher:
+def watcher(gateway: Gateway) -> SocketWatcher:
     """The process's watcher (made on first use)."""
-    found = getattr(gateway, "socket_watcher", None)
+    found: SocketWatcher | None = getattr(gateway, "socket_watcher", None)
     if found is None:
-        found = gateway.socket_watcher = SocketWatcher(gateway)
+        found = SocketWatcher(gateway)
+        # Kept on the gateway, which declares no attribute for it.
+        setattr(gateway, "socket_watcher", found)
     return found

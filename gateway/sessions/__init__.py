@@ -1,19 +1,26 @@
 """Sessions: the manager and its stores."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from gateway.sessions.base import SessionStore
 from gateway.sessions.manager import Session, SessionManager, hash_token
+
+if TYPE_CHECKING:
+    from gateway.config import SessionsConfig
 
 __all__ = ["Session", "SessionManager", "SessionStore", "hash_token", "open_session_store"]
 
 
-def open_session_store(settings) -> SessionStore:
+def open_session_store(settings: SessionsConfig) -> SessionStore:
     """Build (not yet open) the store named by the ``[sessions]`` section."""
-    if settings["store"] == "redis":
+    if settings.store == "redis":
         from gateway.sessions.redis import RedisSessionStore
 
-        return RedisSessionStore(settings["redis_url"], timeout=settings["redis_timeout"],
-                                 max_connections=settings["redis_max_connections"],
-                                 pool_timeout=settings["redis_pool_timeout"])
+        return RedisSessionStore(settings.redis_url, timeout=settings.redis_timeout,
+                                 max_connections=settings.redis_max_connections,
+                                 pool_timeout=settings.redis_pool_timeout)
     from gateway.sessions.memory import MemorySessionStore
 
     return MemorySessionStore()

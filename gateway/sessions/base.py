@@ -9,6 +9,9 @@ replayed old token can end its session), and by user (for listings, "logout
 everywhere" and ``max_per_user``).  Every record and index entry carries a TTL
 so expired sessions vanish on their own.
 
+The store keeps sessions only; counters and small shared values are
+:mod:`gateway.state`'s.
+
 Every method may raise :class:`gateway.errors.StoreUnavailable`.
 """
 
@@ -80,38 +83,3 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def list_user(self, user_id: str) -> list[Record]:
         """The user's live sessions, oldest first."""
-
-    # -- counters (login failures, rate limits), shared across processes ----
-
-    @abc.abstractmethod
-    async def hit(self, key: str, window: float) -> tuple[int, float]:
-        """Count one event in a fixed window started by the first hit;
-        return ``(count, seconds until the window ends)``."""
-
-    @abc.abstractmethod
-    async def peek(self, key: str) -> tuple[int, float]:
-        """``(count, seconds left)`` without counting; ``(0, 0)`` when none."""
-
-    @abc.abstractmethod
-    async def clear(self, key: str) -> None:
-        """Forget a counter."""
-
-    # -- small shared values with a TTL (a cached WeChat access token, a lock) --
-
-    @abc.abstractmethod
-    async def get_value(self, key: str) -> str | None:
-        """The value stored under ``key``, or ``None`` (absent or expired)."""
-
-    @abc.abstractmethod
-    async def set_value(self, key: str, value: str, ttl: float) -> None:
-        """Store ``value`` under ``key`` for ``ttl`` seconds, replacing any."""
-
-    @abc.abstractmethod
-    async def add_value(self, key: str, value: str, ttl: float) -> bool:
-        """Store ``value`` only if ``key`` holds nothing; True if stored.
-        Atomic across processes, so it can serve as a short lock."""
-
-    @abc.abstractmethod
-    async def delete_value(self, key: str, expected: str | None = None) -> bool:
-        """Remove ``key`` (only while it still holds ``expected``, when
-        given); True if something was removed."""

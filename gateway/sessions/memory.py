@@ -26,8 +26,6 @@ class MemorySessionStore(SessionStore):
         #: hash of a token /refresh replaced -> (session id, deadline)
         self._superseded: dict[str, tuple[str, float]] = {}
         self._users: dict[str, dict[str, float]] = {}
-        self._counters: dict[str, tuple[int, float]] = {}
-        self._values: dict[str, tuple[str, float]] = {}
         self._writes = 0
 
     def _count_write(self) -> None:
@@ -36,7 +34,7 @@ class MemorySessionStore(SessionStore):
             self.sweep()
 
     def sweep(self) -> None:
-        """Forget expired sessions, token entries and counters."""
+        """Forget expired sessions and token entries."""
         now = time.time()
         for session_id in [sid for sid, (_, deadline) in self._sessions.items() if deadline <= now]:
             self._live_session(session_id)
@@ -44,10 +42,6 @@ class MemorySessionStore(SessionStore):
             self._tokens.pop(token_hash, None)
         for token_hash in [h for h, (_, deadline) in self._superseded.items() if deadline <= now]:
             self._superseded.pop(token_hash, None)
-        for key in [k for k, (_, end) in self._counters.items() if end <= now]:
-            self._counters.pop(key, None)
-        for key in [k for k, (_, end) in self._values.items() if end <= now]:
-            self._values.pop(key, None)
 
     def _live_session(self, session_id: str) -> Record | None:
         item = self._sessions.get(session_id)
@@ -161,48 +155,3 @@ class MemorySessionStore(SessionStore):
             if record is not None:
                 out.append(copy.deepcopy(record))
         return out
-
-    async def hit(self, key: str, window: float) -> tuple[int, float]:
-        self._count_write()
-        now = time.time()
-        count, end = self._counters.get(key, (0, 0.0))
-        if end <= now:
-            count, end = 0, now + window
-        count += 1
-        self._counters[key] = (count, end)
-        return count, end - now
-
-    async def peek(self, key: str) -> tuple[int, float]:
-        now = time.time()
-        count, end = self._counters.get(key, (0, 0.0))
-        if end <= now:
-            self._counters.pop(key, None)
-            return 0, 0.0
-        return count, end - now
-
-    async def clear(self, key: str) -> None:
-        self._counters.pop(key, None)
-
-    async def get_value(self, key: str) -> str | None:
-        value, end = self._values.get(key, (None, 0.0))
-        if end <= time.time():
-            self._values.pop(key, None)
-            return None
-        return value
-
-    async def set_value(self, key: str, value: str, ttl: float) -> None:
-        self._count_write()
-        self._values[key] = (value, time.time() + ttl)
-
-    async def add_value(self, key: str, value: str, ttl: float) -> bool:
-        if await self.get_value(key) is not None:
-            return False
-        await self.set_value(key, value, ttl)
-        return True
-
-    async def delete_value(self, key: str, expected: str | None = None) -> bool:
-        current = await self.get_value(key)
-        if current is None or (expected is not None and current != expected):
-            return False
-        self._values.pop(key, None)
-        return True

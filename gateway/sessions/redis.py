@@ -3,8 +3,9 @@
 Keys (``gw:`` prefix): ``s:<id>`` the session JSON, ``t:<sha256 of token>``
 the session id, ``r:<sha256 of a superseded token>`` the session id (for
 refresh-token reuse detection; as long-lived as the session), ``u:<user id>``
-a sorted set of the user's session ids by creation time, ``c:<name>``
-counters, ``v:<name>`` small shared values.  Every key carries a TTL.
+a sorted set of the user's session ids by creation time.  Every key carries
+a TTL.  (:mod:`gateway.state.redis` keeps counters and shared values on the
+same Redis, through this store's client, under ``c:`` and ``v:``.)
 Operations that touch several keys run as Lua scripts, so they are atomic and
 cost one round trip.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -125,20 +126,15 @@ if type(rec.user_id) == 'string' then redis.call('ZREM', p..'u:'..rec.user_id, A
 return raw
 """
 
-_HIT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return {n, redis.call('PTTL', KEYS[1])}
-"""
-
-_DELETE_IF = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+def store_unavailable(exc: Exception) -> StoreUnavailable:
+    """The 503 for a failed Redis call (this store's or the shared state's)."""
+    # The exception text names host and port, never the password.
+    return StoreUnavailable("session store", log_message=f"redis: {type(exc).__name__}: {exc}")
 
 
 class RedisSessionStore(SessionStore):
@@ -170,8 +166,7 @@ class RedisSessionStore(SessionStore):
             decode_responses=True,
         )
         self._client = aioredis.Redis.from_pool(pool)
-        for name, src in (("create", _CREATE), ("lookup", _LOOKUP), ("save", _SAVE), ("delete", _DELETE), ("hit", _HIT),
-                          ("delete_if", _DELETE_IF)):
+        for name, src in (("create", _CREATE), ("lookup", _LOOKUP), ("save", _SAVE), ("delete", _DELETE)):
             self._scripts[name] = self._client.register_script(src)
 
     async def close(self) -> None:
@@ -181,24 +176,27 @@ class RedisSessionStore(SessionStore):
 
     @property
     def client(self) -> aioredis.Redis:
+        """The Redis client (``decode_responses``), from :meth:`open` until
+        :meth:`close`; :class:`gateway.state.redis.RedisSharedState` shares it."""
         if self._client is None:
             raise StoreUnavailable("session store", log_message="redis store used before open()")
         return self._client
+
+    @property
+    def prefix(self) -> str:
+        """What every key of this store (and of the state sharing it) starts with."""
+        return self._prefix
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         found = self._scripts[script]
         client = self.client
         try:
             try:  # EVALSHA straight away: the cheapest call on the hot path
-                return await client.execute_command("EVALSHA", found.sha, len(keys), *keys, *args)
+                return await client.evalsha(found.sha, len(keys), *keys, *args)
             except NoScriptError:  # a restarted or flushed Redis: load the script again
                 return await found(keys=keys, args=args, client=client)
         except RedisError as exc:
-            raise self._unavailable(exc) from None
-
-    def _unavailable(self, exc: Exception) -> StoreUnavailable:
-        # The exception text names host and port, never the password.
-        return StoreUnavailable("session store", log_message=f"redis: {type(exc).__name__}: {exc}")
+            raise store_unavailable(exc) from None
 
     async def create(self, record: Record, ttl: float, max_per_user: int) -> list[Record]:
         p = self._prefix
@@ -216,7 +214,7 @@ class RedisSessionStore(SessionStore):
 
     async def lookup_superseded(self, token_hash: str) -> Record | None:
         raw = await self._run("lookup", [f"{self._prefix}r:{token_hash}"], [self._prefix])
-        record = json.loads(raw) if raw else None
+        record: Record | None = json.loads(raw) if raw else None
         if record is None or token_hash not in (record.get("superseded_hashes") or []):
             return None
         return record
@@ -225,7 +223,7 @@ class RedisSessionStore(SessionStore):
         try:
             raw = await self.client.get(f"{self._prefix}s:{session_id}")
         except RedisError as exc:
-            raise self._unavailable(exc) from None
+            raise store_unavailable(exc) from None
         return json.loads(raw) if raw else None
 
     async def _save(self, record: Record, ttl: float, grace: float | None) -> bool:
@@ -254,7 +252,7 @@ class RedisSessionStore(SessionStore):
     async def list_user(self, user_id: str) -> list[Record]:
         ukey = f"{self._prefix}u:{user_id}"
         try:
-            ids: list[Any] = await self.client.zrange(ukey, 0, -1)  # type: ignore[assignment]
+            ids: list[Any] = await self.client.zrange(ukey, 0, -1)
             if not ids:
                 return []
             raws = await self.client.mget([f"{self._prefix}s:{i}" for i in ids])
@@ -262,55 +260,5 @@ class RedisSessionStore(SessionStore):
             if dead:
                 await self.client.zrem(ukey, *dead)
         except RedisError as exc:
-            raise self._unavailable(exc) from None
+            raise store_unavailable(exc) from None
         return [json.loads(r) for r in raws if r is not None]
-
-    async def hit(self, key: str, window: float) -> tuple[int, float]:
-        count, pttl = await self._run("hit", [f"{self._prefix}c:{key}"], [_ms(window)])
-        return int(count), max(0, int(pttl)) / 1000
-
-    async def peek(self, key: str) -> tuple[int, float]:
-        k = f"{self._prefix}c:{key}"
-        try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.get(k)
-                pipe.pttl(k)
-                count, pttl = await pipe.execute()
-        except RedisError as exc:
-            raise self._unavailable(exc) from None
-        if count is None:
-            return 0, 0.0
-        return int(count), max(0, int(pttl)) / 1000
-
-    async def clear(self, key: str) -> None:
-        try:
-            await self.client.delete(f"{self._prefix}c:{key}")
-        except RedisError as exc:
-            raise self._unavailable(exc) from None
-
-    async def get_value(self, key: str) -> str | None:
-        try:
-            return cast("str | None", await self.client.get(f"{self._prefix}v:{key}"))  # decode_responses
-        except RedisError as exc:
-            raise self._unavailable(exc) from None
-
-    async def set_value(self, key: str, value: str, ttl: float) -> None:
-        try:
-            await self.client.set(f"{self._prefix}v:{key}", value, px=_ms(ttl))
-        except RedisError as exc:
-            raise self._unavailable(exc) from None
-
-    async def add_value(self, key: str, value: str, ttl: float) -> bool:
-        try:
-            return bool(await self.client.set(f"{self._prefix}v:{key}", value, px=_ms(ttl), nx=True))
-        except RedisError as exc:
-            raise self._unavailable(exc) from None
-
-    async def delete_value(self, key: str, expected: str | None = None) -> bool:
-        k = f"{self._prefix}v:{key}"
-        if expected is not None:
-            return bool(await self._run("delete_if", [k], [expected]))
-        try:
-            return bool(await self.client.delete(k))
-        except RedisError as exc:
-            raise self._unavailable(exc) from None

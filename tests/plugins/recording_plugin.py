@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from gateway import hookimpl
-from gateway.errors import GatewayError
+from gateway.api import GatewayError, LoginResult, Principal, Provider
 from gateway.handlers.base import BaseHandler
-from gateway.providers import LoginResult, Provider
-from gateway.requestinfo import Principal
 
 events: list[tuple] = []
 
@@ -16,7 +14,7 @@ class BrokenProvider(Provider):
 
     name = "broken"
 
-    async def login(self, handler, body):
+    async def login(self, request, body):
         raise ValueError("secret-detail-that-must-not-leak")
 
 
@@ -25,8 +23,8 @@ class GuestProvider(Provider):
 
     name = "guest"
 
-    async def login(self, handler, body):
-        nick = handler.field(body, "nick", str)
+    async def login(self, request, body):
+        nick = request.field(body, "nick", str)
         user, _, created = await self.gateway.profiles.resolve_identity("guest", nick, profile={"nick": nick})
         return LoginResult(user=user, created=created, session_data={"nick": nick})
 

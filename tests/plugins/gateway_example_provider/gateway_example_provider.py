@@ -10,9 +10,7 @@ import hashlib
 import hmac
 
 from gateway import hookimpl
-from gateway.config import STR, Option
-from gateway.errors import invalid_credentials, invalid_request
-from gateway.providers import LoginResult, Provider
+from gateway.api import STR, LoginResult, Option, Provider, Request, invalid_credentials, invalid_request
 
 
 def sign(secret: str, subject: str) -> str:
@@ -26,8 +24,8 @@ class ExampleProvider(Provider):
         Option("display_name", STR, "Example SSO", "shown in the user's profile"),
     ]
 
-    async def login(self, handler, body):
-        ticket = handler.field(body, "ticket", str)
+    async def login(self, request: Request, body: dict) -> LoginResult:
+        ticket = request.field(body, "ticket", str)
         subject, _, signature = ticket.rpartition(".")
         if not subject:
             raise invalid_request("field ticket must look like <subject>.<signature>")
