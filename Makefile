@@ -14,9 +14,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# make run PORT=8081 UPSTREAM_PORT=9001: the gateway and its demo upstream elsewhere
+# (the WeChat sandbox listens where conf/gateway.toml's providers.wechat.api_base says).
+PORT ?= 8080
+UPSTREAM_PORT ?= 9000
 run: install
 	@mkdir -p var
-	$(BIN)/gateway serve --config conf/gateway.toml --demo-upstream 127.0.0.1:9000
+	$(BIN)/gateway serve --config conf/gateway.toml --port $(PORT) --demo --demo-upstream 127.0.0.1:$(UPSTREAM_PORT)
 
 check-config: install
 	$(BIN)/gateway check-config --config conf/gateway.toml

@@ -4,7 +4,7 @@
 ``big``      a Tornado upstream for the 1 GiB checks: ``POST|PUT /big/upload?id=X`` streams the body
              in and answers its SHA-256 and length; ``GET /big/download?size=N&id=X`` streams N
              bytes out; ``GET /big/received/X`` and ``GET /big/sent/X`` answer what it hashed.
-``wechat``   tests/fake_wechat.py as a server knowing one mini-program, where every code
+``wechat``   gateway.testing.wechat as a server knowing one mini-program, where every code
              ``bench-<n>`` logs in as the WeChat user ``o-bench-<n mod 100>`` (single use, as
              WeChat's codes are).
 
@@ -18,9 +18,7 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 import signal
-import sys
 from typing import Any
 
 import tornado.httpserver
@@ -128,8 +126,7 @@ def big_app() -> tornado.web.Application:
 
 
 def start_wechat(port: int) -> Any:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from fake_wechat import LoginCode, start_fake_wechat
+    from gateway.testing.wechat import LoginCode, start_fake_wechat
 
     session_key = base64.b64encode(b"bench-sessionkey").decode()
 

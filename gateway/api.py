@@ -31,6 +31,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Any, Awaitable, Callable, ClassVar, Mapping, Protocol, Sequence
 
 from tornado.httputil import HTTPServerRequest
@@ -71,7 +72,7 @@ from gateway.options import (
 __all__ = [
     # providers and what they return
     "Provider", "LoginResult", "Principal", "User", "Identity", "ConfigContext",
-    "Endpoint", "Command", "CommandContext", "add_config_option",
+    "Endpoint", "LOGIN_ANSWER", "Command", "CommandContext", "add_config_option",
     # what a provider may use
     "Services", "Request", "Profiles", "SharedState", "Sessions", "SessionView", "Sealer", "RouteView",
     "Collection", "Records", "Below", "utcnow", "new_user_id", "identity_key",
@@ -352,6 +353,12 @@ class Sessions(Protocol):
         """End every session of the user (but ``keep``, a session id)."""
         ...
 
+    async def update_data(self, session_id: str, changes: Mapping[str, Any]) -> SessionView | None:
+        """Set these keys of a live session's ``data`` (what its
+        :class:`LoginResult` put there), keeping its token and deadlines:
+        the session as saved, or ``None`` when it has ended."""
+        ...
+
 
 class Sealer(Protocol):
     """Authenticated encryption for secrets kept in session data or state."""
@@ -430,6 +437,11 @@ class Request(Protocol):
 #: ``None`` (204 No Content).
 EndpointResult = dict[str, Any] | LoginResult | None
 
+#: An :class:`Endpoint`'s ``response_schema`` when its function answers with
+#: a fresh session (a :class:`LoginResult`): the gateway's login answer,
+#: ``#/components/schemas/Login`` in its OpenAPI document.
+LOGIN_ANSWER: Mapping[str, Any] = MappingProxyType({"$ref": "#/components/schemas/Login"})
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -442,6 +454,19 @@ class Endpoint:
     handler: Callable[[Request], Awaitable[EndpointResult]]
     method: str = "POST"
     status: int = 200
+    #: What the gateway's OpenAPI document (``GET {auth_prefix}/openapi.json``)
+    #: says of it: a one-line summary; the JSON Schema (2020-12) of the JSON
+    #: body the function reads (``None``: it reads none); that of the JSON
+    #: object it answers with (:data:`LOGIN_ANSWER` for a fresh session;
+    #: ``None`` with ``status=204`` for a function that returns ``None``;
+    #: ``None`` otherwise: any of the three, undescribed); and whether it
+    #: needs the caller's session (:meth:`Request.require_session`).
+    #: Schemas may refer to ``#/components/schemas/User``, ``Session`` and
+    #: ``Login``.
+    summary: str = ""
+    request_schema: Mapping[str, Any] | None = field(default=None, hash=False)
+    response_schema: Mapping[str, Any] | None = field(default=None, hash=False)
+    requires_session: bool = False
 
 
 @dataclass
@@ -533,6 +558,10 @@ class Provider:
     #: the provider's own kinds of record in the profile store (two
     #: providers may not declare the same name)
     collections: ClassVar[tuple[Collection, ...]] = ()
+    #: the JSON Schema (2020-12) of the body :meth:`login` reads, for the
+    #: gateway's OpenAPI document (``None``: a JSON object, undescribed); a
+    #: provider whose body depends on its settings sets it in ``__init__``.
+    login_schema: Mapping[str, Any] | None = None
 
     def __init__(self, gateway: Services, settings: Section) -> None:
         self.gateway = gateway

@@ -16,9 +16,10 @@ from typing import Any, Callable
 import pluggy
 import tornado.httputil
 
-from gateway import __version__
+from gateway import __version__, metrics
 from gateway.api import Principal, Provider, RouteView
 from gateway.config import Config
+from gateway.consent import Consent
 from gateway.crypto import Sealer, parse_key
 from gateway.errors import GatewayError
 from gateway.logs import install_redaction
@@ -31,6 +32,7 @@ from gateway.plugins import (
     plugin_failure,
     plugin_names,
 )
+from gateway.preferences import Preferences
 from gateway.profiles import ProfileStore, open_profile_store
 from gateway.proxy.policy import Credentials, canonical
 from gateway.proxy.upstream import UpstreamClient
@@ -60,12 +62,17 @@ class Gateway:
         install_redaction(prefixes=prefixes, loggers=[f"gateway.{o.cls.name}" for o in offered])
         #: headers only providers set upstream (a switched-off one's too: an
         #: upstream may still trust them), dropped from every incoming request
-        self.reserved_headers = frozenset(canonical(h) for o in offered for h in o.cls.reserved_headers)
+        self.reserved_headers = frozenset(canonical(h) for o in offered for h in o.cls.reserved_headers) \
+            | frozenset(canonical(h) for h in config.profiles.upstream_headers)  # the gateway's own profile headers
         self.routes = RouteTable([Route.from_config(r) for r in config.routes])
         self.session_store = open_session_store(config.sessions)
         #: counters, values with a TTL and locks shared by every process
         self.state: SharedState = open_shared_state(config.sessions, self.session_store)
         self.profiles: ProfileStore = open_profile_store(config.profiles)
+        #: the consent documents and users' history of accepting them
+        self.consent = Consent(config.consent, self.profiles)
+        #: the fields users edit themselves, and the profile headers sent upstream
+        self.preferences = Preferences(config.profiles, self.profiles)
         s = config.sessions
         self.sessions = SessionManager(
             self.session_store,
@@ -75,6 +82,8 @@ class Gateway:
             rotation_grace=s.rotation_grace,
             max_per_user=s.max_per_user,
             events=self._session_event,
+            remember_idle_timeout=s.remember_idle_timeout if s.remember != "never" else None,
+            remember_absolute_timeout=s.remember_absolute_timeout if s.remember != "never" else None,
         )
         key = config.sessions.encryption_key
         #: seals secrets kept in session data; a per-process key when none is configured
@@ -187,4 +196,6 @@ class Gateway:
     async def _session_event(self, hook: str, **kwargs: Any) -> None:
         """Session events are notifications: a failing listener is logged,
         never undoes what happened."""
+        session = kwargs.get("session")
+        metrics.session_event(hook, provider=getattr(session, "provider", None), reason=kwargs.get("reason"))
         await notify_hook(self.pm, hook, gateway=self, **kwargs)

@@ -41,8 +41,6 @@ def check(config: Config, pm: pluggy.PluginManager | None = None) -> list[str]:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.registry import check_providers
-
     try:
         config, problems = read_config(args.config)
     except ConfigError as exc:
@@ -51,8 +49,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config is not None:
         problems = problems + check(config)
         if not problems:
-            offered, _ = check_providers(config, get_plugin_manager(config.plugins.disabled))
-            names = [o.cls.name for o in offered]
+            names, problems = _build(config)
     if problems or config is None:
         print(f"{args.config}: {len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:
@@ -63,24 +60,57 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(config: Config) -> tuple[list[str], list[str]]:
+    """Build the gateway and its application once, opening no store and
+    binding nothing, so that what only a built gateway shows (the enabled
+    providers, the routes plugins contribute) is checked too: ``(enabled
+    providers, problems)``."""
+    from gateway.app import Gateway
+    from gateway.web import make_app
+
+    try:
+        gateway = Gateway(config)
+        make_app(gateway)
+    except ConfigError as exc:
+        return [], exc.problems
+    except PluginError as exc:
+        return [], [str(exc)]
+    except Exception as exc:  # a plugin's own bug, say
+        return [], [f"the gateway cannot be built: {exc!r}"]
+    return list(gateway.providers), []
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.demo import DEFAULT_UPSTREAM, SandboxThread, follow_upstream, provider_sandboxes
     from gateway.server import serve
 
     try:
         config, problems = read_config(args.config)
     except ConfigError as exc:
         config, problems = None, exc.problems
+    demo_upstream = args.demo_upstream or (DEFAULT_UPSTREAM if args.demo else None)
     if config is not None:
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None and v != ""}
         if overrides:
             config = config.with_server(**overrides)
+        if args.demo and demo_upstream:
+            config = follow_upstream(config, demo_upstream)
         if not problems:  # providers and plugins are checked once the core tables are sound
             problems = check(config)
     if problems or config is None:
         for problem in problems:
             print(f"config error: {problem}", file=sys.stderr)
         return 2
-    return serve(config, demo_upstream=args.demo_upstream)
+    sandboxes = SandboxThread(provider_sandboxes(config) if args.demo else [])
+    try:
+        sandboxes.start()
+    except OSError as exc:
+        log.error("cannot serve the demo's sandbox on %s", exc.strerror)
+        return 1
+    try:
+        return serve(config, demo_upstream=demo_upstream)
+    finally:
+        sandboxes.stop()
 
 
 # -- plugins' subcommands: the profile store only, no server ----------------------------
@@ -130,38 +160,64 @@ def config_option(parser: argparse.ArgumentParser) -> None:
     add_config_option(parser)
 
 
-def _plugin_manager(argv: Sequence[str] | None) -> pluggy.PluginManager | None:
+def _global_options(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """``--log-level`` and ``--config``, wherever they are on the command
+    line (before the subcommand or after it), and the rest of it, with
+    ``--config`` moved to its end, where the subcommand's parser reads it."""
+    early = argparse.ArgumentParser(prog="gateway", add_help=False, allow_abbrev=False)
+    early.add_argument("--log-level", type=_log_level, default=None)
+    early.add_argument("--config", default=None)
+    known, rest = early.parse_known_args(argv)
+    if known.config is not None:
+        end = rest.index("--") if "--" in rest else len(rest)
+        rest[end:end] = ["--config", known.config]
+    return known, rest
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def _plugin_manager(config_path: str | None) -> pluggy.PluginManager | None:
     """The plugins the configuration named on the command line (or in
     ``GATEWAY_CONFIG``) leaves enabled; ``None`` when they cannot load."""
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG") or None)
-    known, _ = early.parse_known_args(argv)
+    config_path = config_path or os.environ.get("GATEWAY_CONFIG") or None
     disabled: list[str] = []
-    if known.config:
+    if config_path:
         try:
-            disabled = list(read_config(known.config)[0].plugins.disabled)
+            disabled = list(read_config(config_path)[0].plugins.disabled)
         except ConfigError:
             pass
     try:
         return get_plugin_manager(disabled)
-    except PluginError:
+    except PluginError as exc:  # serve and check-config report it in full
+        print(f"warning: plugin commands are unavailable: {exc}", file=sys.stderr)
         return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    known, argv = _global_options(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="gateway", description="Session gateway")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", type=_log_level, default="INFO",
+                        help="DEBUG, INFO, WARNING, ERROR (before or after the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
     config_option(serve)
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port (0 = any free port)")
+    serve.add_argument("--demo", action="store_true",
+                       help="serve the demo beside the gateway: the echo upstream (at --demo-upstream, default "
+                            "127.0.0.1:9000, where the routes pointing at 127.0.0.1:9000 follow it) and the "
+                            "sandbox of each configured provider that has one")
     serve.add_argument("--demo-upstream", metavar="HOST:PORT", help="also serve a demo echo upstream here")
     serve.set_defaults(func=cmd_serve)
     check_parser = sub.add_parser("check-config", help="validate a configuration file; exit 2 listing every problem")
     config_option(check_parser)
     check_parser.set_defaults(func=cmd_check_config)
-    pm = _plugin_manager(argv)
+    pm = _plugin_manager(known.config)
     prefixes: list[str] = []
     if pm is not None:
         try:
@@ -178,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.configure(command_parser)
             command_parser.set_defaults(func=lambda args, c=command: run_command(c, args))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.log_level = known.log_level or args.log_level
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_redaction(*logging.getLogger().handlers, prefixes=prefixes)
     status: int = args.func(args)
     return status

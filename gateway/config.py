@@ -8,7 +8,9 @@ problem is collected so that ``gateway check-config`` can list them all.
 
 Each core table is a frozen dataclass (:class:`ServerConfig`,
 :class:`SessionsConfig`, :class:`ProfilesConfig`, :class:`PluginsConfig`,
-:class:`RouteConfig`) whose fields are declared with :func:`option`: the
+:class:`ConsentConfig`, :class:`AdminConfig`, :class:`RouteConfig`, and the named tables within
+a table, :class:`ProfileFieldConfig` and :class:`ConsentDocumentConfig`)
+whose fields are declared with :func:`option`: the
 field's checker, default and help text live beside its type, and the option
 lists (:data:`SERVER` ... :data:`ROUTE`) and the reference tables are derived
 from them.  A value is read by attribute only; a changed value is a new
@@ -20,11 +22,13 @@ sealing key).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -64,7 +68,9 @@ if TYPE_CHECKING:
 __all__ = [
     # declared here
     "Config", "PluginsConfig", "ProfilesConfig", "RouteConfig", "ServerConfig", "SessionsConfig",
-    "PLUGINS", "PROFILES", "ROUTE", "SECTIONS", "SERVER", "SESSIONS",
+    "PLUGINS", "PROFILES", "ROUTE", "SECTIONS", "SERVER", "SESSIONS", "ADMIN", "AdminConfig",
+    "BUILTIN_PROFILE_FIELDS", "CONSENT", "CONSENT_DOCUMENT", "ConsentConfig", "ConsentDocumentConfig",
+    "NAMED_TABLES", "PROFILE_FIELD", "ProfileFieldConfig",
     "describe_options", "load_config", "option", "options_of", "read_config",
     # from gateway.options, for modules that import them from here
     "BOOL", "DURATION", "INT", "MAX_DURATION", "NONNEG_INT", "POSITIVE_DURATION", "SCOPE", "SIZE", "STR",
@@ -199,6 +205,32 @@ class ServerConfig:
     event_loop: str = option(_choice("asyncio", "uvloop"), "asyncio", "the event loop: asyncio, or uvloop (needs the uvloop package)")
 
 
+def _admin_token(value: Any) -> str:
+    if not isinstance(value, str) or (value and (len(value) < 16 or any(c.isspace() for c in value))):
+        raise ValueError("expected a token of at least 16 characters without spaces")
+    return value
+
+
+_ANY_ADDRESS = ("", "0.0.0.0", "::")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminConfig:
+    """``[admin]``: the operators' listener (health, readiness, metrics)."""
+
+    host: str = option(STR, "127.0.0.1", "address of the admin listener (/healthz, /readyz, /metrics, which need no token): keep it private")
+    port: int = option(_port, 9091, "port of the admin listener; 0 = no admin listener (one for all workers: the supervisor's)")
+    token: str = option(_admin_token, "", "bearer token of the operator API to come (at least 16 characters), best given as token_env; without one that API stays off", secret=True)
+    drain_delay: float = option(DURATION, "0s", "on SIGTERM, how long /readyz answers 503 while the gateway still accepts requests, before the drain begins (give a load balancer time to notice)")
+
+    def check(self, server: ServerConfig) -> list[str]:
+        """The problems of combinations that cannot work (each naming its key)."""
+        if self.port and self.port == server.port and (
+                self.host == server.host or self.host in _ANY_ADDRESS or server.host in _ANY_ADDRESS):
+            return [f"admin.port: {self.port} is server.port too; the admin listener needs a port of its own"]
+        return []
+
+
 @dataclass(frozen=True, kw_only=True)
 class SessionsConfig:
     """``[sessions]``: the session store, lifetimes and the cookie."""
@@ -214,6 +246,10 @@ class SessionsConfig:
     rotation_grace: float = option(DURATION, "10s", "an old token still works this long after /refresh (for proxied requests, GET /session and /logout)")
     refresh_race_window: float = option(DURATION, "2s", "a replaced token presented to /refresh again within this long of its replacement is a concurrent refresh (401); later, a replay that ends the session")
     max_per_user: int = option(NONNEG_INT, 0, "sessions per user; 0 = unlimited; beyond it the oldest is revoked")
+    remember: str = option(_choice("optional", "always", "never"), "optional", "remembered sessions (a persistent cookie and the remember timeouts): optional (the login body's \"remember\" decides), always or never")
+    remember_idle_timeout: float = option(POSITIVE_DURATION, "14d", "idle_timeout of a remembered session")
+    remember_absolute_timeout: float = option(POSITIVE_DURATION, "30d", "absolute_timeout of a remembered session")
+    ended_retention: float = option(DURATION, "1d", "how long an ended session's token is still recognised, so that a 401 can say why (expired, revoked, superseded); 0 = not at all")
     cookie_name: str = option(_pattern(_COOKIE_NAME, "a cookie name (letters, digits, !#$%&'*+-.^_`|~)"),
                               "gw_session", "name of the session cookie")
     cookie_secure: bool = option(BOOL, True, "mark the cookie Secure (HTTPS only)")
@@ -230,6 +266,9 @@ class SessionsConfig:
         if self.touch_interval >= self.idle_timeout:
             problems.append("sessions.touch_interval: must be shorter than sessions.idle_timeout, "
                             "or sessions in use would still go idle")
+        if self.remember != "never" and self.touch_interval >= self.remember_idle_timeout:
+            problems.append("sessions.touch_interval: must be shorter than sessions.remember_idle_timeout "
+                            "(unless sessions.remember = \"never\"), or remembered sessions in use would still go idle")
         if self.cookie_samesite == "None" and not self.cookie_secure:
             problems.append("sessions.cookie_samesite: \"None\" requires sessions.cookie_secure = true (browsers reject it otherwise)")
         cookie_name = self.cookie_name.lower()  # browsers match the prefixes in any case
@@ -243,6 +282,187 @@ class SessionsConfig:
         return problems
 
 
+# -- tables of named tables: [profiles.fields.<name>], [consent.documents.<name>]
+
+#: a profile field's name
+_PROFILE_FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+#: a consent document's name (like a provider's)
+_DOCUMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
+#: an RFC 9110 token, as header names are
+_HEADER_NAME = _COOKIE_NAME
+#: request headers the proxy sets or handles itself (those of
+#: gateway.proxy.policy, and every X-Forwarded-* and Sec-WebSocket-* name):
+#: [profiles] upstream_headers cannot name them
+_PROXY_HEADERS = frozenset({
+    "x-user-id", "x-auth-provider", "x-session-id", "x-auth-scopes", "x-consent", "x-request-id", "host",
+    "expect", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "proxy-connection", "cookie", "authorization",
+    "content-length", "content-type", "forwarded",
+})
+
+
+def _read_named(where: str, build: Callable[..., Any], options: list[Option], raw: Any,
+                name: re.Pattern[str], what: str, problems: list[str]) -> Mapping[str, Any]:
+    """Each ``[<where>.<name>]`` table of ``raw`` checked against
+    ``options`` and built with ``build``, in the file's order; problems
+    name ``<where>.<name>.<key>``."""
+    out: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table of [{where}.<name>] tables")
+        return MappingProxyType(out)
+    for key, table in raw.items():
+        if not name.match(key):
+            problems.append(f"{where}.{key}: {what}")
+            continue
+        out[key] = build(**validate_table(f"{where}.{key}", options, table, problems, {}).as_dict())
+    return MappingProxyType(out)
+
+
+def _named_tables(where: str, build: Callable[..., Any], options: list[Option], name: re.Pattern[str],
+                  what: str) -> Callable[[Any], Mapping[str, Any]]:
+    """The checker of an option holding ``[<where>.<name>]`` tables.  It
+    builds what it can and keeps the tables' own problems to itself:
+    :func:`read_config` reads them again (:data:`NAMED_TABLES`) to report
+    each under its own key, where a checker could only raise one sentence."""
+
+    def check(value: Any) -> Mapping[str, Any]:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a table of [{where}.<name>] tables")
+        return _read_named(where, build, options, value, name, what, [])
+
+    return check
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("expected a number")
+    return value
+
+
+def _regex(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a regular expression (a string)")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    return value
+
+
+def _names(regex: re.Pattern[str], what: str) -> Callable[[Any], tuple[str, ...]]:
+    """A list of distinct names that ``regex`` matches."""
+
+    def check(value: Any) -> tuple[str, ...]:
+        names = str_list(value)
+        for item in names:
+            if not regex.match(item):
+                raise ValueError(f"{item!r} is not {what}")
+        if len(set(names)) != len(names):
+            raise ValueError("a name is listed twice")
+        return names
+
+    return check
+
+
+def _header_fields(value: Any) -> Mapping[str, str]:
+    """``{"<request header>" = "<profile field>"}``."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError('expected a table of header names and profile fields, such as {"X-User-Language" = "language"}')
+    seen: set[str] = set()
+    for header, name in value.items():
+        key = header.lower().replace("_", "-")
+        if not _HEADER_NAME.match(header):
+            raise ValueError(f"{header!r} is not a header name")
+        if key in _PROXY_HEADERS or key.startswith(("x-forwarded-", "sec-websocket-")):
+            raise ValueError(f"{header} is a header the gateway sets or handles itself")
+        if key in seen:
+            raise ValueError(f"{header} is named twice (header names ignore case, and _ counts as -)")
+        seen.add(key)
+        if not _PROFILE_FIELD_NAME.match(name):
+            raise ValueError(f"{name!r} (for {header}) is not a profile field name")
+    return MappingProxyType(dict(value))
+
+
+def _version(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _document_url(value: Any) -> str:
+    if isinstance(value, str) and not any(c.isspace() or not c.isprintable() for c in value):
+        if value.startswith("/") and not value.startswith("//"):
+            return value
+        try:
+            parts = urlsplit(value)
+            if parts.scheme in ("http", "https") and parts.hostname:
+                return value
+        except ValueError:
+            pass
+    raise ValueError("expected an http:// or https:// URL, or a path starting with /")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileFieldConfig:
+    """One ``[profiles.fields.<name>]`` table: the type and limits of a
+    profile field that ``PATCH {auth_prefix}/profile`` may set."""
+
+    type: str = option(_choice("string", "integer", "number", "boolean", "language"), "string",
+                       "string, integer, number, boolean, or language (a well-formed BCP 47 tag, RFC 5646)")
+    max_length: int | None = option(at_least(INT, 1), None, "string and language fields: the most characters (unset: 256)")
+    min_length: int | None = option(NONNEG_INT, None, "string fields: the fewest characters (unset: 1; null removes a field)")
+    pattern: str | None = option(_regex, None, "string fields: a regular expression (Python syntax) the whole value must match")
+    minimum: float | None = option(_number, None, "integer and number fields: the smallest value allowed")
+    maximum: float | None = option(_number, None, "integer and number fields: the largest value allowed")
+
+    @property
+    def longest(self) -> int:
+        return 256 if self.max_length is None else self.max_length
+
+    @property
+    def shortest(self) -> int:
+        return 1 if self.min_length is None else self.min_length
+
+    def check(self, where: str) -> list[str]:
+        """Limits that do not fit the type, or each other (naming ``where.key``)."""
+        problems: list[str] = []
+        if self.max_length is not None and self.type not in ("string", "language"):
+            problems.append(f"{where}.max_length: only string and language fields have a length")
+        for name in ("min_length", "pattern"):
+            if getattr(self, name) is not None and self.type != "string":
+                problems.append(f"{where}.{name}: applies to string fields only")
+        for name in ("minimum", "maximum"):
+            if getattr(self, name) is not None and self.type not in ("integer", "number"):
+                problems.append(f"{where}.{name}: applies to integer and number fields only")
+        if self.type == "string" and self.shortest > self.longest:
+            problems.append(f"{where}.min_length: is above max_length")
+        if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
+            problems.append(f"{where}.minimum: is above maximum")
+        return problems
+
+
+PROFILE_FIELD = options_of(ProfileFieldConfig)
+
+#: the fields editable by default, declared unless a [profiles.fields.<name>] table says otherwise
+BUILTIN_PROFILE_FIELDS: Mapping[str, ProfileFieldConfig] = MappingProxyType({
+    "nickname": ProfileFieldConfig(type="string", max_length=64),
+    "language": ProfileFieldConfig(type="language", max_length=64),
+})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsentDocumentConfig:
+    """One ``[consent.documents.<name>]`` table: a document users accept
+    (terms of service, a privacy policy)."""
+
+    version: str = option(_version, None, "its current version (any non-empty string); a new one makes every user accept again", required=True)
+    url: str = option(_document_url, None, "where people read it: an http(s) URL, or a path on the front end's site", required=True)
+    title: str = option(STR, "", "its title for people (empty: the document's name)")
+
+
+CONSENT_DOCUMENT = options_of(ConsentDocumentConfig)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProfilesConfig:
     """``[profiles]``: the profile store."""
@@ -252,6 +472,30 @@ class ProfilesConfig:
     mongodb_url: str = option(_mongodb_url, "mongodb://127.0.0.1:27017", "MongoDB connection string", secret=True)
     mongodb_database: str = option(_pattern(_MONGO_DB, "a MongoDB database name (no /\\. \"$*<>:|? or spaces)"), "gateway", "MongoDB database name")
     mongodb_timeout: float = option(POSITIVE_DURATION, "1s", "MongoDB server selection / operation timeout")
+    editable: tuple[str, ...] = option(_names(_PROFILE_FIELD_NAME, "a profile field name (a letter, then letters, digits or _)"),
+                                       ["nickname", "language"], "profile fields a user may set with `PATCH {auth_prefix}/profile`, each declared in a `[profiles.fields.<name>]` table (nickname and language are built in)")
+    fields: Mapping[str, ProfileFieldConfig] = option(
+        _named_tables("profiles.fields", ProfileFieldConfig, PROFILE_FIELD, _PROFILE_FIELD_NAME,
+                      "not a profile field name (a letter, then letters, digits or _)"),
+        {}, "declarations of editable fields: `[profiles.fields.<name>]` tables (below)")
+    upstream_headers: Mapping[str, str] = option(_header_fields, {}, "request header -> profile field (`{\"X-User-Language\" = \"language\"}`), sent upstream with every request of a signed-in caller; clients' own headers of these names are dropped")
+    upstream_headers_ttl: float = option(DURATION, "5s", "how long a process reuses a user's upstream_headers values before reading the profile store again (0 = on every request); a PATCH shows at once in its own process")
+
+    def declared(self, name: str) -> ProfileFieldConfig | None:
+        """How profile field ``name`` is declared: its ``[profiles.fields.<name>]``
+        table, else the built-in declaration, else ``None``."""
+        return self.fields[name] if name in self.fields else BUILTIN_PROFILE_FIELDS.get(name)
+
+    def check(self) -> list[str]:
+        """The problems of combinations that cannot work (each naming its key)."""
+        problems: list[str] = []
+        for name, declared in self.fields.items():
+            problems.extend(declared.check(f"profiles.fields.{name}"))
+        for name in self.editable:
+            if self.declared(name) is None:
+                problems.append(f"profiles.editable: {name!r} has no [profiles.fields.{name}] table "
+                                f"(built in: {', '.join(BUILTIN_PROFILE_FIELDS)})")
+        return problems
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +503,16 @@ class PluginsConfig:
     """``[plugins]``: which installed plugins are loaded."""
 
     disabled: tuple[str, ...] = option(_str_list, [], "names of installed plugins not to load")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsentConfig:
+    """``[consent]``: the documents users accept."""
+
+    documents: Mapping[str, ConsentDocumentConfig] = option(
+        _named_tables("consent.documents", ConsentDocumentConfig, CONSENT_DOCUMENT, _DOCUMENT_NAME,
+                      "not a document name (lowercase letters, digits, - or _)"),
+        {}, "the documents users accept: `[consent.documents.<name>]` tables (below), in the order front ends list them")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,10 +534,12 @@ class RouteConfig:
     preserve_host: bool = option(BOOL, False, "send the client's Host header upstream instead of the upstream's")
     scopes: tuple[str, ...] = option(_scopes, [], "scopes a caller authenticated by a plugin (an API key) must all hold (403 otherwise)")
     allow_sessions: bool = option(BOOL, True, "whether session users (who hold no scopes) may use this route")
+    require_consent: tuple[str, ...] = option(_names(_DOCUMENT_NAME, "a consent document name"), [], "names of `[consent.documents.<name>]` a caller (a session user, an API key's owner) must have accepted in their current version (403 consent_required otherwise)")
 
-    def check(self, where: str, server: ServerConfig) -> list[str]:
+    def check(self, where: str, server: ServerConfig, consent: ConsentConfig | None = None) -> list[str]:
         """The problems of combinations that cannot work, naming ``where.key``
-        (a prefix shared by two routes is the caller's to find)."""
+        (a prefix shared by two routes is the caller's to find; the
+        documents of ``require_consent`` are checked when ``consent`` is given)."""
         problems: list[str] = []
         auth_prefix = server.auth_prefix.rstrip("/")
         if self.prefix and (self.prefix.rstrip("/") == auth_prefix or self.prefix.startswith(auth_prefix + "/")):
@@ -292,13 +548,21 @@ class RouteConfig:
             problems.append(f"{where}.scopes: a public route authenticates no one, so it cannot require scopes")
         if self.auth == "public" and not self.allow_sessions:
             problems.append(f"{where}.allow_sessions: a public route authenticates no one, so it cannot refuse sessions")
+        if self.auth == "public" and self.require_consent:
+            problems.append(f"{where}.require_consent: a public route authenticates no one, so it cannot require consent")
+        unknown = [n for n in self.require_consent if consent is not None and n not in consent.documents]
+        if unknown:
+            problems.append(f"{where}.require_consent: {', '.join(map(repr, unknown))} "
+                            f"{'is not a document' if len(unknown) == 1 else 'are not documents'} of [consent.documents]")
         return problems
 
 
 SERVER = options_of(ServerConfig)
+ADMIN = options_of(AdminConfig)
 SESSIONS = options_of(SessionsConfig)
 PROFILES = options_of(ProfilesConfig)
 PLUGINS = options_of(PluginsConfig)
+CONSENT = options_of(ConsentConfig)
 ROUTE = options_of(RouteConfig)
 
 SECTIONS: dict[str, list[Option]] = {
@@ -306,6 +570,18 @@ SECTIONS: dict[str, list[Option]] = {
     "sessions": SESSIONS,
     "profiles": PROFILES,
     "plugins": PLUGINS,
+    "consent": CONSENT,
+    "admin": ADMIN,
+}
+
+#: the tables of named tables within a section: section -> key -> (their
+#: options, what builds one, the pattern of names, what a bad name is not);
+#: read by :func:`read_config`, rendered by :func:`describe_options`
+NAMED_TABLES: dict[str, dict[str, tuple[list[Option], Callable[..., Any], re.Pattern[str], str]]] = {
+    "profiles": {"fields": (PROFILE_FIELD, ProfileFieldConfig, _PROFILE_FIELD_NAME,
+                            "not a profile field name (a letter, then letters, digits or _)")},
+    "consent": {"documents": (CONSENT_DOCUMENT, ConsentDocumentConfig, _DOCUMENT_NAME,
+                              "not a document name (lowercase letters, digits, - or _)")},
 }
 
 
@@ -322,6 +598,8 @@ class Config:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    consent: ConsentConfig = field(default_factory=ConsentConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     routes: tuple[RouteConfig, ...] = ()
     #: the raw ``[providers.<name>]`` tables, validated against each provider's options when the gateway is built
     providers: Mapping[str, Any] = field(default_factory=dict)
@@ -358,7 +636,7 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 def _read_routes(raw_routes: Any, server: ServerConfig, problems: list[str],
-                 environ: Mapping[str, str]) -> tuple[RouteConfig, ...]:
+                 environ: Mapping[str, str], consent: ConsentConfig | None = None) -> tuple[RouteConfig, ...]:
     if not isinstance(raw_routes, list):
         problems.append("routes: expected an array of tables ([[routes]])")
         return ()
@@ -376,7 +654,7 @@ def _read_routes(raw_routes: Any, server: ServerConfig, problems: list[str],
             seen.add(prefix)
         # A route missing its prefix or upstream is still checked (with "" standing in), not kept.
         route = RouteConfig(**{**values, "prefix": prefix or "", "upstream": upstream or ""})
-        problems.extend(route.check(where, server))
+        problems.extend(route.check(where, server, consent))
         if prefix is not None and upstream is not None:
             routes.append(route)
     return tuple(routes)
@@ -402,19 +680,32 @@ def read_config(
     sessions = _validated(SessionsConfig, "sessions", SESSIONS, data.get("sessions", {}), problems, env)
     profiles = _validated(ProfilesConfig, "profiles", PROFILES, data.get("profiles", {}), problems, env)
     plugins = _validated(PluginsConfig, "plugins", PLUGINS, data.get("plugins", {}), problems, env)
-    routes = _read_routes(data.get("routes", []), server, problems, env)
+    consent = _validated(ConsentConfig, "consent", CONSENT, data.get("consent", {}), problems, env)
+    admin = _validated(AdminConfig, "admin", ADMIN, data.get("admin", {}), problems, env)
+    for section, named in NAMED_TABLES.items():  # their own problems, each under its key
+        raw_section = data.get(section)
+        for key, (options, build, name, what) in named.items():
+            if isinstance(raw_section, dict) and isinstance(raw_section.get(key), dict):
+                _read_named(f"{section}.{key}", build, options, raw_section[key], name, what, problems)
+    routes = _read_routes(data.get("routes", []), server, problems, env, consent)
     providers = data.get("providers", {})
     if not isinstance(providers, dict):
         problems.append("providers: expected a table of [providers.<name>] tables")
         providers = {}
     problems.extend(sessions.check(server))
-    config = Config(server=server, sessions=sessions, profiles=profiles, plugins=plugins, routes=routes,
+    problems.extend(profiles.check())
+    problems.extend(admin.check(server))
+    config = Config(server=server, sessions=sessions, profiles=profiles, plugins=plugins, consent=consent, admin=admin, routes=routes,
                     providers=providers, path=path, environ=env)
     return config, problems
 
 
 def describe_options() -> dict[str, str]:
     """Markdown reference tables of the core options, by table name."""
-    tables = {f"[{name}]": reference_table(opts) for name, opts in SECTIONS.items()}
+    tables: dict[str, str] = {}
+    for name, opts in SECTIONS.items():
+        tables[f"[{name}]"] = reference_table(opts)
+        for key, (named, *_) in NAMED_TABLES.get(name, {}).items():
+            tables[f"[{name}.{key}.<name>]"] = reference_table(named)
     tables["[[routes]]"] = reference_table(ROUTE)
     return tables

@@ -11,6 +11,7 @@ client never sees an internal traceback.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 
 from tornado.web import HTTPError
 
@@ -21,6 +22,7 @@ ERROR_STATUS: dict[str, int] = {
     "invalid_credentials": 401,
     "forbidden": 403,
     "csrf": 403,
+    "consent_required": 403,
     "not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
@@ -64,6 +66,7 @@ class GatewayError(HTTPError):
         status: int | None = None,
         headers: dict[str, str] | None = None,
         log_message: str | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> None:
         if code not in ERROR_STATUS and status is None:
             raise ValueError(f"unknown error code {code!r}; pass status=")
@@ -72,6 +75,9 @@ class GatewayError(HTTPError):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        #: extra members of the JSON body beside ``error`` and ``message``
+        #: (``reason``, ``retry_after``, ``documents``...): never a secret
+        self.fields = dict(fields or {})
 
     @property
     def detail(self) -> str | None:
@@ -81,18 +87,41 @@ class GatewayError(HTTPError):
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.detail or self.message}"
 
-    def body(self) -> dict[str, str]:
-        return {"error": self.code, "message": self.message}
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.fields}
 
 
 def invalid_request(message: str) -> GatewayError:
     return GatewayError("invalid_request", message)
 
 
-def unauthenticated(message: str = "a valid session is required") -> GatewayError:
-    return GatewayError(
-        "unauthenticated", message, headers={"WWW-Authenticate": 'Bearer realm="gateway"'}
-    )
+#: Why a request's credential opened no session: the ``reason`` of every
+#: 401 ``unauthenticated``, with the message a client gets by default and
+#: the ``error_description`` of its ``WWW-Authenticate`` challenge.
+UNAUTHENTICATED_REASONS: dict[str, tuple[str, str]] = {
+    "missing": ("a valid session is required", ""),
+    "expired": ("the session has expired; log in again", "the session has expired"),
+    "revoked": ("the session was ended (signed out, possibly on another device); log in again",
+                "the session was revoked"),
+    "superseded": ("this token was already refreshed; use the newer token, or log in again",
+                   "the token was replaced by a newer one"),
+    "invalid": ("the token is not valid; log in", "the token is not valid"),
+}
+
+
+def unauthenticated(message: str | None = None, *, reason: str = "invalid") -> GatewayError:
+    """401 ``unauthenticated`` with its ``reason`` (a key of
+    :data:`UNAUTHENTICATED_REASONS`) in the body and an RFC 6750 challenge:
+    ``Bearer realm="gateway"`` alone when no credential was presented
+    (``missing``), with ``error="invalid_token"`` and a description otherwise."""
+    if reason not in UNAUTHENTICATED_REASONS:
+        raise ValueError(f"unknown reason {reason!r}")
+    default, description = UNAUTHENTICATED_REASONS[reason]
+    challenge = 'Bearer realm="gateway"'
+    if reason != "missing":
+        challenge += f', error="invalid_token", error_description="{description}"'
+    return GatewayError("unauthenticated", message or default, headers={"WWW-Authenticate": challenge},
+                        fields={"reason": reason})
 
 
 def invalid_credentials(message: str = "the credentials are not valid") -> GatewayError:
@@ -106,8 +135,10 @@ def not_found(message: str = "no such resource") -> GatewayError:
 
 
 def too_many(code: str, message: str, retry_after: float) -> GatewayError:
+    """A 429 whose ``Retry-After`` header and ``retry_after`` body member
+    give the same whole seconds (at least 1)."""
     seconds = max(1, int(retry_after + 0.999))
-    return GatewayError(code, message, headers={"Retry-After": str(seconds)})
+    return GatewayError(code, message, headers={"Retry-After": str(seconds)}, fields={"retry_after": seconds})
 
 
 class StoreUnavailable(GatewayError):
@@ -120,6 +151,8 @@ class StoreUnavailable(GatewayError):
             headers={"Retry-After": "1"},
             log_message=log_message,
         )
+        #: which store: "session store", "profile store"... (the ``store`` label of its metric)
+        self.store = what
 
 
 class Conflict(GatewayError):

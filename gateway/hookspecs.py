@@ -81,5 +81,12 @@ def gateway_handlers(gateway: Services) -> "list[tuple[Any, ...]] | None":
 
 
 @hookspec
+def gateway_openapi(gateway: Services) -> "dict[str, Any] | Awaitable[dict[str, Any] | None] | None":
+    """OpenAPI path items of a plugin's own routes, keyed by path (a key not
+    beginning with ``/`` lies under ``auth_prefix``), for the gateway's
+    document; every plugin's are merged, the gateway's own paths win."""
+
+
+@hookspec
 def gateway_startup(gateway: Services) -> "Awaitable[None] | None":
     """The stores are open and the gateway is about to listen."""

@@ -30,7 +30,8 @@ environment.
 
 Unknown keys, unknown tables and wrong types are start-up errors naming the
 key; `gateway check-config` lists them all. So are combinations that cannot
-work: `touch_interval` not shorter than `idle_timeout`,
+work: `touch_interval` not shorter than `idle_timeout` (or than
+`remember_idle_timeout`, unless `remember = "never"`),
 `cookie_samesite = "None"` without `cookie_secure`, the memory store with
 several workers, two routes with one prefix or a route under `auth_prefix`,
 a `[providers.<name>]` table no plugin provides, a name in

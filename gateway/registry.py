@@ -22,7 +22,7 @@ from gateway.plugins import ENTRY_POINT_GROUP, provider_classes
 
 PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
 #: Path segments of the gateway's own endpoints under auth_prefix.
-RESERVED_NAMES = frozenset({"refresh", "logout", "logout-all", "session", "sessions"})
+RESERVED_NAMES = frozenset({"refresh", "logout", "logout-all", "session", "sessions", "consent", "profile"})
 #: The prefix of the gateway's own session tokens.
 SESSION_TOKEN_PREFIX = "gws_"
 _CREDENTIAL_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{2,31}$")
@@ -80,12 +80,13 @@ def check_providers(config: Config, pm: pluggy.PluginManager) -> tuple[list[Offe
                                 f"which provider {owner!r} declares too")
         settings = validate_table(f"providers.{cls.name}", cls.options, config.providers.get(cls.name, {}),
                                   problems, dict(config.environ))
-        if len(problems) == before:
-            settings = _nested_tables(cls, settings, problems, dict(config.environ))
-        if len(problems) == before:
-            try:
-                problems.extend(cls.check_config(settings, context))
-            except Exception as exc:
+        # Every check runs, on defaults where a value was refused, so that
+        # check-config lists every problem at once.
+        settings = _nested_tables(cls, settings, problems, dict(config.environ))
+        try:
+            problems.extend(cls.check_config(settings, context))
+        except Exception as exc:
+            if len(problems) == before:  # else the problems found already explain it
                 problems.append(f"providers.{cls.name}: the provider from plugin {plugin!r} failed to check "
                                 f"its configuration: {exc!r}")
         if len(problems) == before:

@@ -24,6 +24,8 @@ class Route:
     preserve_host: bool = False
     scopes: tuple[str, ...] = ()
     allow_sessions: bool = True
+    #: consent documents a caller must have accepted (their current versions)
+    require_consent: tuple[str, ...] = ()
     read_timeout: float = 60.0
     #: bytes; 0 = no limit
     max_body_size: int = 10 << 20
@@ -44,6 +46,7 @@ class Route:
             preserve_host=config.preserve_host,
             scopes=tuple(config.scopes),
             allow_sessions=config.allow_sessions,
+            require_consent=tuple(config.require_consent),
             read_timeout=config.read_timeout,
             max_body_size=cls.max_body_size if config.max_body_size is None else config.max_body_size,
             websocket=config.websocket,
@@ -51,7 +54,6 @@ class Route:
             websocket_ping_interval=config.websocket_ping_interval,
         )
 
-    #: the former name of :meth:`from_config`
 
     def matches(self, path: str, fold_case: bool = False) -> bool:
         """Does ``path`` lie under this route (``fold_case``: ``path`` is

@@ -16,6 +16,15 @@ close the idle ones at once and let the others finish their response.
 
 Every client (upstream HTTP, Redis, MongoDB) is created by
 :meth:`gateway.app.Gateway.start`, which runs in the worker, after the fork.
+
+The admin listener (:mod:`gateway.admin`: ``/healthz``, ``/readyz``,
+``/metrics``) is served by the one process, or by the supervisor of
+several workers (:class:`SupervisorAdmin`), which therefore runs an event
+loop of its own.  It forks only between two turns of that loop, with
+nothing of its own left to cross the fork (see :class:`_Supervisor`), and
+it makes the workers' metrics directory before the first fork.  On
+SIGTERM readiness turns 503 before anything stops accepting, and
+``admin.drain_delay`` later the drain begins.
 """
 
 from __future__ import annotations
@@ -23,21 +32,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import resource
+import selectors
 import signal
 import socket
 import sys
+import threading
 import time
-from typing import Any, Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Coroutine, Sequence
 
+import tornado.web
 from tornado import httputil
 from tornado.http1connection import HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 
+from gateway.admin import (
+    MULTIPROC_ENV,
+    PROBE_PROFILE_USER,
+    PROBE_SESSION_ID,
+    MetricsDir,
+    Readiness,
+    StoreClients,
+    local_metrics,
+    make_admin_app,
+)
 from gateway.config import Config
 from gateway.errors import GatewayError
 from gateway.options import ConfigError
@@ -350,82 +374,381 @@ class GatewayHTTPServer(HTTPServer):
             conn.stream.close()
 
 
+# -- the admin listener --------------------------------------------------------------------
+
+#: an admin client's connection idle this long is closed
+ADMIN_IDLE_TIMEOUT = 30.0
+
+
+def bind_admin(config: Config) -> list[socket.socket]:
+    """The admin listener's listening sockets (``[admin]`` host and port),
+    or none: port 0 turns it off, and a port that cannot be had is logged
+    and leaves the gateway serving without it (a load balancer that cannot
+    reach ``/readyz`` sends it nothing)."""
+    admin = config.admin
+    if not admin.port:
+        return []
+    try:
+        return bind(admin.host, admin.port, reuse_port=False, listen=True)
+    except OSError as exc:
+        log.error("cannot listen on %s port %d for the admin listener: %s; serving without /healthz, "
+                  "/readyz and /metrics", admin.host or "*", admin.port, exc.strerror or exc)
+        return []
+
+
+class AdminServer:
+    """The admin application (:func:`gateway.admin.make_admin_app`) on its
+    listening sockets and the current event loop, accepted and tracked like
+    the gateway's own connections."""
+
+    def __init__(self, sockets: list[socket.socket], app: tornado.web.Application) -> None:
+        self.server = GatewayHTTPServer(app, idle_connection_timeout=ADMIN_IDLE_TIMEOUT)
+        self.acceptors = [Acceptor(sock, self.server) for sock in sockets]
+        for acceptor in self.acceptors:
+            acceptor.start()
+        where = sockets[0].getsockname()
+        log.info("admin listener on http://%s:%d (/healthz, /readyz, /metrics)", where[0], where[1])
+
+    def close(self) -> None:
+        """Stop listening and close every connection."""
+        for acceptor in self.acceptors:
+            acceptor.close()
+        self.server.close_connections()
+
+    def forget(self) -> None:
+        """In a worker just forked from the process serving it: close the
+        inherited sockets (the listener's and its clients'), which would
+        otherwise hold the port and those connections open as long as the
+        worker lives.  Only the descriptors: the event loop they belong to
+        is the parent's."""
+        for acceptor in self.acceptors:
+            acceptor.sock.close()
+        for conn in list(self.server.connections):
+            conn.stream.socket.close()
+
+
+class SupervisorAdmin:
+    """The admin listener served by the supervisor of several workers.
+
+    Readiness is checked with the supervisor's own store clients
+    (:class:`gateway.admin.StoreClients`) and needs a worker that listens;
+    metrics are the workers' own, summed from their multiprocess directory.
+    Everything it holds is released around a fork: its probes finish and
+    its store clients close before one (:meth:`before_fork`), and the child
+    closes the inherited sockets (:meth:`in_child`)."""
+
+    def __init__(self, config: Config, sockets: list[socket.socket], metrics: MetricsDir) -> None:
+        self.sockets = sockets
+        self.metrics = metrics
+        self.drain_delay = config.admin.drain_delay
+        self.clients = StoreClients(config)
+        self.readiness = Readiness(self.clients.probes(), others=self._workers)
+        self.listening: Callable[[], int] = lambda: 0
+        self.server: AdminServer | None = None
+
+    def _workers(self) -> list[str]:
+        return [] if self.listening() else ["workers"]
+
+    def start(self, listening: Callable[[], int]) -> None:
+        """Serve, on the running event loop; ``listening()``: how many workers listen."""
+        self.listening = listening
+        self.server = AdminServer(self.sockets, make_admin_app(self.readiness, self.metrics.collect))
+
+    async def before_fork(self) -> None:
+        """No probe in flight or to come, no store client open (until :meth:`after_fork`)."""
+        self.readiness.hold()
+        await self.readiness.idle()
+        await self.clients.close()
+
+    def after_fork(self) -> None:
+        self.readiness.release()
+
+    def in_child(self) -> None:
+        if self.server is not None:
+            self.server.forget()
+        for sock in self.sockets:
+            sock.close()
+
+    def worker_exited(self, pid: int) -> None:
+        self.metrics.worker_exited(pid)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        await self.clients.close()
+        self.metrics.remove()
+
+
 # -- worker processes ------------------------------------------------------------------
 
+#: signals blocked around a fork, until the child has handlers of its own
+_FORK_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+#: before a fork, how long threads the supervisor started may take to end
+_THREADS_GRACE = 2.0
 
-def supervise(workers: int, *, burst: int = 10, window: float = 60.0, stop_timeout: float | None = None) -> None:
-    """Fork ``workers`` processes and return in each of them.  The parent
-    stays to supervise: it replaces a worker that exits, whatever its status
-    (one per second; more than ``burst`` within ``window`` seconds means
-    something is wrong, and it stops everything and exits 1), and on
-    SIGTERM/SIGINT it stops every worker (SIGTERM; SIGKILL for those still
-    running ``stop_timeout`` seconds later), waits for them and exits 0."""
-    children: set[int] = set()
-    stopping = False
-    signals = {signal.SIGTERM, signal.SIGINT}
 
-    def spawn() -> bool:
-        # Signals stay blocked from before the fork until the child has its
-        # own handlers and the parent has recorded the child.
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                for sig in (*signals, signal.SIGALRM):
-                    signal.signal(sig, signal.SIG_DFL)
-                return True
-            children.add(pid)
-            return False
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+def _ignore(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    return None
 
-    def kill(signum: int, frame: object) -> None:
-        for pid in list(children):
-            log.error("worker %d did not stop within %.1fs: killing it", pid, stop_timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if not stopping and stop_timeout is not None:
-            signal.setitimer(signal.ITIMER_REAL, max(stop_timeout, 0.1))
-        stopping = True
-        for pid in list(children):
+class _Supervisor:
+    """:func:`supervise`'s state.  Its event loop runs the admin listener,
+    the signal handlers and the timers; a worker is forked only between two
+    runs of that loop, once nothing of the supervisor's own (a probe in
+    flight, a store client, an executor thread) is left to cross the fork.
+    The loop's selector is ``poll``, which keeps its state in the process:
+    an epoll set would be shared with every child, and the child closing
+    its copy of the loop would unregister the parent's descriptors."""
+
+    def __init__(self, workers: int, burst: int, window: float, stop_timeout: float | None,
+                 admin: SupervisorAdmin | None) -> None:
+        self.burst, self.window, self.stop_timeout = burst, window, stop_timeout
+        self.admin = admin
+        self.loop = asyncio.SelectorEventLoop(selectors.PollSelector())
+        self.executor = ThreadPoolExecutor(thread_name_prefix="gateway-supervisor")
+        self.loop.set_default_executor(self.executor)
+        self.io_loop: IOLoop | None = None
+        #: worker pid -> the read end of its "listening" pipe (-1 once read)
+        self.children: dict[int, int] = {}
+        #: workers that said they listen
+        self.listening: set[int] = set()
+        self.pending = workers  # workers to start
+        self.stopping = False
+        self.failed = False
+        self.restarts: list[float] = []
+        self.wake = asyncio.Event()
+        self.kill_timer: asyncio.TimerHandle | None = None
+        self.drain_timer: asyncio.TimerHandle | None = None
+        self.threads = threading.active_count()
+
+    # -- the parent's loop ----------------------------------------------------------------------
+
+    def run(self) -> Callable[[], None] | None:
+        """Supervise until every worker is gone (then exit the process), or
+        return in a new worker its "listening" notifier."""
+        loop = self.loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        loop.run_until_complete(self._start())
+        while True:
+            loop.run_until_complete(self._next())
+            if self.stopping and not self.children:
+                break
+            loop.run_until_complete(self._quiesce())
+            while self.pending > 0 and not self.stopping:
+                self.pending -= 1
+                notify = self.spawn()
+                if notify is not None:
+                    return notify
+            if self.admin is not None:
+                self.admin.after_fork()
+        for timer in (self.kill_timer, self.drain_timer):
+            if timer is not None:
+                timer.cancel()
+        if self.admin is not None:
+            loop.run_until_complete(self.admin.close())
+        if self.io_loop is not None:
+            self.io_loop.close()
+        else:
+            loop.close()
+        self.executor.shutdown(wait=False)
+        sys.exit(1 if self.failed else 0)
+
+    async def _start(self) -> None:
+        self.io_loop = IOLoop.current()
+        if self.admin is not None:
+            self.admin.start(lambda: len(self.listening))
+
+    async def _next(self) -> None:
+        """Until a worker is due, or the stop is complete."""
+        while not (self.pending > 0 and not self.stopping) and not (self.stopping and not self.children):
+            self.wake.clear()
+            await self.wake.wait()
+
+    async def _quiesce(self) -> None:
+        """Nothing of the supervisor's own may cross a fork: probes finish
+        (and none starts until the forks are done), store clients close,
+        executor threads end."""
+        if self.admin is not None:
+            await self.admin.before_fork()
+        old, self.executor = self.executor, ThreadPoolExecutor(thread_name_prefix="gateway-supervisor")
+        self.loop.set_default_executor(self.executor)
+        old.shutdown(wait=True)
+        deadline = time.monotonic() + _THREADS_GRACE
+        while threading.active_count() > self.threads and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if threading.active_count() > self.threads:
+            log.warning("forking a worker while %d thread(s) of the supervisor still run",
+                        threading.active_count() - self.threads)
+
+    def stop(self) -> None:
+        """SIGTERM/SIGINT: ``/readyz`` turns 503 now; the workers get
+        SIGTERM after ``admin.drain_delay`` (at once on a second signal)."""
+        if self.stopping:
+            self.signal_workers()
+            return
+        self.stopping = True
+        self.pending = 0
+        delay = 0.0
+        if self.admin is not None:
+            self.admin.readiness.stopping = True
+            delay = 0.0 if self.failed else self.admin.drain_delay
+        if delay > 0 and self.children:
+            log.info("stopping: /readyz answers 503; the workers stop in %.1fs (admin.drain_delay)", delay)
+            self.drain_timer = self.loop.call_later(delay, self.signal_workers)
+        else:
+            self.signal_workers()
+        self.wake.set()
+
+    def signal_workers(self) -> None:
+        if self.drain_timer is not None:
+            self.drain_timer.cancel()
+            self.drain_timer = None
+        if self.kill_timer is None and self.stop_timeout is not None:
+            self.kill_timer = self.loop.call_later(max(self.stop_timeout, 0.1), self.kill)
+        for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGALRM, kill)
-    for sig in signals:
-        signal.signal(sig, stop)
-    for _ in range(workers):
-        if stopping:
-            break
-        if spawn():
+    def kill(self) -> None:
+        for pid in list(self.children):
+            log.error("worker %d did not stop within %.1fs: killing it", pid, self.stop_timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def reap(self) -> None:
+        """SIGCHLD: every exited worker is replaced (one a second), unless
+        the gateway is stopping or they exit too often."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self.children:
+                self.exited(pid, os.waitstatus_to_exitcode(status))
+        self.wake.set()
+
+    def exited(self, pid: int, code: int) -> None:
+        self.forget_pipe(pid)
+        del self.children[pid]
+        self.listening.discard(pid)
+        if self.admin is not None:
+            self.admin.worker_exited(pid)
+        if self.stopping:
             return
-    restarts: list[float] = []
-    failed = False
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        children.discard(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            continue
         now = time.monotonic()
-        restarts = [t for t in restarts if now - t < window] + [now]
-        if len(restarts) > burst:
-            log.error("worker %d exited with %d; %d restarts within %.0fs: stopping", pid, code, burst, window)
-            failed = True
-            stop(signal.SIGTERM, None)
-            continue
-        log.error("worker %d exited with %d; starting another", pid, code)
-        time.sleep(1)
-        if not stopping and spawn():
+        self.restarts = [t for t in self.restarts if now - t < self.window] + [now]
+        if len(self.restarts) > self.burst:
+            log.error("worker %d exited with %d; %d restarts within %.0fs: stopping", pid, code, self.burst,
+                      self.window)
+            self.failed = True
+            self.stop()
             return
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    sys.exit(1 if failed else 0)
+        log.error("worker %d exited with %d; starting another", pid, code)
+        self.loop.call_later(1, self.replace)
+
+    def replace(self) -> None:
+        if not self.stopping:
+            self.pending += 1
+            self.wake.set()
+
+    def reported(self, pid: int, fd: int) -> None:
+        """A worker's pipe is readable: it listens (a byte), or it exited
+        before it did (the end of the pipe)."""
+        try:
+            said = os.read(fd, 1)
+        except OSError:
+            said = b""
+        self.forget_pipe(pid)
+        if said and pid in self.children:
+            self.listening.add(pid)
+
+    def forget_pipe(self, pid: int) -> None:
+        fd = self.children.get(pid, -1)
+        if fd >= 0:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            self.children[pid] = -1
+
+    # -- forking ------------------------------------------------------------------------------
+
+    def spawn(self) -> Callable[[], None] | None:
+        """Fork a worker: in the parent, record it and return None; in the
+        child, drop everything of the supervisor's and return its notifier."""
+        read_end, write_end = os.pipe()
+        # Signals stay blocked from before the fork until the child has its
+        # own handlers and the parent has recorded the child.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_end)
+                self.in_child()
+                return _notifier(write_end)
+            os.close(write_end)
+            self.children[pid] = read_end
+            self.loop.add_reader(read_end, self.reported, pid, read_end)
+            return None
+        except BaseException:
+            for fd in (read_end, write_end):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_SIGNALS)
+
+    def in_child(self) -> None:
+        """Right after the fork, signals blocked: close the copies of the
+        parent's descriptors (pipes, the admin listener and its connections)
+        and its event loop, which also restores the default signal
+        handlers; the parent's objects left behind are frozen, so that no
+        finaliser of theirs ever runs here."""
+        for fd in self.children.values():
+            if fd >= 0:
+                os.close(fd)
+        self.loop.set_exception_handler(_ignore)
+        if self.io_loop is not None:
+            self.io_loop.close()
+        else:
+            self.loop.close()
+        if self.admin is not None:
+            self.admin.in_child()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        gc.freeze()
+
+
+def _notifier(fd: int) -> Callable[[], None]:
+    """What a worker calls once it listens: one byte to the supervisor."""
+
+    def listening() -> None:
+        nonlocal fd
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"1")
+                os.close(fd)
+            fd = -1
+
+    return listening
+
+
+def supervise(workers: int, *, burst: int = 10, window: float = 60.0, stop_timeout: float | None = None,
+              admin: SupervisorAdmin | None = None) -> Callable[[], None]:
+    """Fork ``workers`` processes and return in each of them, with the
+    function it calls once it listens.  The parent stays to supervise: it
+    replaces a worker that exits, whatever its status (one per second; more
+    than ``burst`` within ``window`` seconds means something is wrong, and
+    it stops everything and exits 1), serves ``admin`` (the admin listener)
+    throughout, and on SIGTERM/SIGINT makes ``/readyz`` answer 503, waits
+    ``admin.drain_delay`` (not on a second signal), stops every worker
+    (SIGTERM; SIGKILL for those still running ``stop_timeout`` seconds
+    later), waits for them and exits 0."""
+    notify = _Supervisor(workers, burst, window, stop_timeout, admin).run()
+    assert notify is not None  # the parent exits in run()
+    return notify
 
 
 # -- serving -----------------------------------------------------------------------
@@ -454,8 +777,18 @@ def serve(config: Config, *, demo_upstream: str | None = None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s port %d: %s", host or "*", port, exc.strerror or exc)
         return 1
+    admin_sockets = bind_admin(config)
     if workers > 1:
-        supervise(workers, stop_timeout=config.server.shutdown_timeout + 5)  # returns only in a worker
+        admin = None
+        if admin_sockets:
+            if "prometheus_client" in sys.modules:
+                log.warning("prometheus_client was imported before the workers' metrics directory was set: "
+                            "/metrics will not show what the workers count")
+            admin = SupervisorAdmin(config, admin_sockets, MetricsDir())  # before the fork: workers inherit it
+        else:
+            os.environ.pop(MULTIPROC_ENV, None)
+        notify = supervise(workers, stop_timeout=config.server.shutdown_timeout + 5,
+                           admin=admin)  # returns only in a worker
         try:
             sockets = bind(host, port, reuse_port=True, listen=True)
         except OSError as exc:
@@ -464,10 +797,17 @@ def serve(config: Config, *, demo_upstream: str | None = None) -> int:
             return 1
         for sock in reserved:
             sock.close()
-    return run_loop(config.server.event_loop, lambda: _worker(config, sockets, demo_upstream))
+        return run_loop(config.server.event_loop, lambda: _worker(config, sockets, demo_upstream, notify=notify))
+    os.environ.pop(MULTIPROC_ENV, None)  # one process: its metrics are its own, in memory
+    return run_loop(config.server.event_loop,
+                    lambda: _worker(config, sockets, demo_upstream, admin_sockets=admin_sockets))
 
 
-async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: str | None) -> int:
+async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: str | None, *,
+                  admin_sockets: Sequence[socket.socket] = (), notify: Callable[[], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT.  ``admin_sockets``: the admin listener
+    of a gateway of one process; ``notify``: tells the supervisor that this
+    worker listens."""
     from gateway.app import Gateway
     from gateway.web import make_app
 
@@ -482,7 +822,7 @@ async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: s
         log.error("start-up failed: %s", detail, exc_info=not isinstance(exc, (GatewayError, ConfigError)))
         if gw is not None:
             await gw.stop()
-        for sock in sockets:
+        for sock in [*sockets, *admin_sockets]:
             sock.close()
         return 1
     limit = config.server.max_body_size
@@ -492,6 +832,13 @@ async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: s
     acceptors = [Acceptor(sock, server) for sock in sockets]
     for acceptor in acceptors:
         acceptor.start()
+    admin: AdminServer | None = None
+    readiness: Readiness | None = None
+    if admin_sockets:
+        stores = gw
+        readiness = Readiness({"session store": lambda: stores.session_store.get(PROBE_SESSION_ID),
+                               "profile store": lambda: stores.profiles.get_user(PROBE_PROFILE_USER)})
+        admin = AdminServer(list(admin_sockets), make_admin_app(readiness, local_metrics))
     demo = None
     if demo_upstream:
         from tornado.netutil import bind_sockets
@@ -508,10 +855,24 @@ async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: s
     log.info("listening on http://%s:%d (pid %d, event loop %s)", config.server.host, port, os.getpid(),
              type(loop).__module__.split(".")[0])
     print(f"gateway listening on http://{config.server.host}:{port}", flush=True)
+    if notify is not None:
+        notify()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+    # Readiness turns 503 first and, for admin.drain_delay (cut short by a
+    # second signal), the gateway still serves: a load balancer stops
+    # sending it requests before it stops accepting them.
+    if readiness is not None:
+        readiness.stopping = True
+        delay = config.admin.drain_delay
+        if delay > 0:
+            log.info("stopping: /readyz answers 503; the drain begins in %.1fs (admin.drain_delay)", delay)
+            stop.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
 
     # The drain: no new connections, idle ones closed now, the others once
     # their response is out (with Connection: close), for up to shutdown_timeout.
@@ -533,6 +894,8 @@ async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: s
         await asyncio.wait_for(server.close_all_connections(), CLOSE_GRACE)
     if demo is not None:
         demo.stop()
+    if admin is not None:
+        admin.close()
     await gw.stop()
     log.info("stopped")
     return 0

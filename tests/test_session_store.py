@@ -336,3 +336,146 @@ async def test_memory_store_sweeps_superseded_tokens_too():
     await asyncio.sleep(0.1)
     store.sweep()
     assert list(store._superseded) == [hash_token("tok-live")]
+
+
+# -- markers: how a token's session ended, without anything that opens it --
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_with(request, io_loop):
+    """``await store_with(retention)`` -> an opened store of each kind."""
+    made = []
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+
+    async def make(retention: float):
+        s = MemorySessionStore(retention=retention) if not url else RedisSessionStore(url, retention=retention)
+        await s.open()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        io_loop.run_sync(s.close)
+
+
+@pytest.mark.gen_test
+async def test_a_token_is_marked_expired_from_the_start_and_stays_known_past_its_session(store):
+    await store.create(record("s1"), 0.3, 0)
+    assert await store.ended(hash_token("tok-s1")) == "expired"   # written now, spoken only once it is dead
+    assert await store.ended(hash_token("never-issued")) is None
+    await asyncio.sleep(0.5)
+    assert await store.lookup(hash_token("tok-s1")) is None
+    assert await store.ended(hash_token("tok-s1")) == "expired"    # nobody wrote at expiry time
+
+
+@pytest.mark.gen_test
+async def test_a_touch_keeps_the_expired_marker_as_long_as_the_session(store_with):
+    store = await store_with(0.3)
+    rec = record("s1")
+    await store.create(rec, 0.3, 0)
+    assert await store.save(rec, 2) is True
+    await asyncio.sleep(0.8)                      # past the first TTL plus the retention
+    assert (await store.lookup(hash_token("tok-s1")))["id"] == "s1"
+    assert await store.ended(hash_token("tok-s1")) == "expired"
+
+
+@pytest.mark.gen_test
+async def test_rotation_marks_the_old_token_superseded_and_deletion_marks_every_token_revoked(store):
+    rec = record("s1")
+    await store.create(rec, 60, 0)
+    rec = rotated(rec, "new")
+    assert await store.rotate(rec, 60, 0.1) is True
+    assert await store.ended(hash_token("tok-s1")) == "superseded"
+    assert await store.ended(hash_token("new")) == "expired"
+    rec = rotated(rec, "newer")
+    assert await store.rotate(rec, 60, 0.1) is True
+    assert await store.save(rec, 60) is True      # a touch renews the markers, changing none
+    assert [await store.ended(hash_token(t)) for t in ("tok-s1", "new", "newer")] == \
+        ["superseded", "superseded", "expired"]
+    await store.delete("s1")
+    for t in ("tok-s1", "new", "newer"):
+        assert await store.ended(hash_token(t)) == "revoked", t
+
+
+@pytest.mark.gen_test
+async def test_evicted_sessions_are_marked_revoked(store):
+    base = time.time()
+    await store.create(record("s0", created=base), 60, 1)
+    await store.create(record("s1", created=base + 1), 60, 1)
+    assert await store.ended(hash_token("tok-s0")) == "revoked"
+    assert await store.ended(hash_token("tok-s1")) == "expired"
+
+
+@pytest.mark.gen_test
+async def test_markers_last_the_retention_and_none_are_kept_without_one(store_with):
+    short = await store_with(0.3)
+    await short.create(record("s1"), 60, 0)
+    await short.delete("s1")
+    assert await short.ended(hash_token("tok-s1")) == "revoked"
+    await asyncio.sleep(0.5)
+    assert await short.ended(hash_token("tok-s1")) is None
+
+    none = await store_with(0)
+    rec = record("s2")
+    await none.create(rec, 60, 0)
+    assert await none.rotate(rotated(rec, "s2-new"), 60, 5) is True
+    assert await none.ended(hash_token("tok-s2")) is None
+    await none.delete("s2")
+    assert await none.ended(hash_token("s2-new")) is None
+
+
+@pytest.mark.gen_test
+async def test_a_redis_marker_holds_a_reason_only(redis_url, redis_server):
+    store = RedisSessionStore(redis_url, retention=100)
+    await store.open()
+    try:
+        mgr = SessionManager(store, idle_timeout=20, absolute_timeout=600, touch_interval=0, rotation_grace=1)
+        token, session = await mgr.create("u1", "password")
+        key = f"gw:e:{hash_token(token)}"
+        assert redis_server.command("GET", key).endswith("expired\r\n")
+        pttl = int(redis_server.command("PTTL", key).strip().lstrip(":"))
+        assert 115_000 < pttl <= 120_000                               # the session's TTL plus the retention
+        await mgr.revoke(session.id, "logout")
+        assert redis_server.command("GET", key).endswith("revoked\r\n")
+        pttl = int(redis_server.command("PTTL", key).strip().lstrip(":"))
+        assert 95_000 < pttl <= 100_000                                # the retention
+        # nothing of the session is left, and no key holds the token itself
+        keys = redis_server.command("KEYS", "*")
+        assert session.id not in keys and token not in keys
+        assert "password" not in redis_server.command("GET", key)
+    finally:
+        await store.close()
+
+
+@pytest.mark.gen_test
+async def test_manager_says_why_a_token_opens_no_session(store):
+    mgr = SessionManager(store, idle_timeout=0.3, absolute_timeout=600, touch_interval=0, rotation_grace=0.1)
+    expiring, _ = await mgr.create("u1", "password")
+    t0, session = await mgr.create("u1", "password")
+    t1, session = await mgr.refresh(session)
+    revoked, other = await mgr.create("u1", "password")
+    await mgr.revoke(other.id, "logout")
+    assert await mgr.ended_reason(revoked) == "revoked"
+    assert await mgr.ended_reason("gws_never-issued") == "invalid"
+    assert await mgr.ended_reason("x" * 600) == "invalid"
+    await asyncio.sleep(0.4)
+    assert await mgr.authenticate(expiring) is None and await mgr.ended_reason(expiring) == "expired"
+    assert await mgr.authenticate(t0) is None and await mgr.ended_reason(t0) == "superseded"
+
+
+@pytest.mark.gen_test
+async def test_manager_remembered_sessions_keep_their_own_timeouts(store):
+    mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0, rotation_grace=1,
+                         remember_idle_timeout=3600, remember_absolute_timeout=86400)
+    assert mgr.absolute_timeout == 86400
+    _, plain = await mgr.create("u1", "password")
+    token, kept = await mgr.create("u1", "password", remember=True)
+    assert not plain.remembered and plain.absolute_expires_at - plain.created_at == pytest.approx(600)
+    assert kept.remembered and kept.absolute_expires_at - kept.created_at == pytest.approx(86400)
+    assert kept.expires_at - kept.created_at == pytest.approx(3600)
+    touched = await mgr.authenticate(token)
+    assert touched.expires_at - touched.last_seen_at == pytest.approx(3600)
+    _, again = await mgr.refresh(touched)
+    assert again.remembered and again.expires_at - again.last_seen_at == pytest.approx(3600)
+    assert again.absolute_expires_at == kept.absolute_expires_at
+    assert (await store.get(kept.id))["remembered"] is True

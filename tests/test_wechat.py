@@ -1,7 +1,7 @@
 """The WeChat mini-program provider (plugins/wechat.py), end to end.
 
 Every test drives a real gateway over HTTP; the gateway talks to a fake
-WeChat server (tests/fake_wechat.py), a real Tornado server on loopback
+WeChat server (gateway.testing.wechat), a real Tornado server on loopback
 that speaks WeChat's documented protocol: ``jscode2session`` (JSON sent as
 text/plain, single-use codes), ``stable_token`` (tokens tok-1, tok-2, ...)
 and ``getuserphonenumber``.  Failure cases (errcodes, non-JSON replies,
@@ -26,10 +26,10 @@ import pytest
 import tornado.httpclient
 from Crypto.Cipher import AES
 
-from fake_wechat import JSCODE2SESSION, PHONE, STABLE_TOKEN, start_fake_wechat
 from gateway.app import Gateway
 from gateway.config import ConfigError, load_config
 from gateway.testing import assert_error, base_config, body, free_port
+from gateway.testing.wechat import JSCODE2SESSION, PHONE, STABLE_TOKEN, encrypt_user_data, start_fake_wechat
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,6 +183,16 @@ def all_text(r) -> str:
 
 def log_text(caplog) -> str:
     return caplog.text + "\n" + "\n".join(rec.getMessage() for rec in caplog.records)
+
+
+def assert_stale(r) -> None:
+    """401 invalid_credentials, reason session_key_stale, asking for a new wx.login code."""
+    assert r.code == 401, (r.code, r.body)
+    data = body(r)
+    assert set(data) == {"error", "message", "reason"}, data
+    assert data["error"] == "invalid_credentials" and data["reason"] == "session_key_stale", data
+    assert "wx.login" in data["message"] and '"code"' in data["message"], data
+    assert r.headers.get("WWW-Authenticate", "").startswith("Bearer"), dict(r.headers)
 
 
 # ---------------------------------------------------------------------------
@@ -761,7 +771,7 @@ async def test_decrypt_checks_the_watermark_against_the_sessions_own_app(start, 
 
 
 @gen
-async def test_decrypt_with_a_session_key_replaced_by_a_later_login_says_log_in_again(start, fake):
+async def test_decrypt_with_a_session_key_replaced_by_a_later_login_is_401_session_key_stale(start, fake):
     gw = await start(apps=TWO_APPS)
     k1, k2 = new_session_key(), new_session_key()
     first = await login(gw, fake, app="main", openid="o-alice", session_key=k1, unionid="u-alice")
@@ -774,9 +784,125 @@ async def test_decrypt_with_a_session_key_replaced_by_a_later_login_says_log_in_
     # the same appid+openid logging in again does
     second = await login(gw, fake, app="main", openid="o-alice", session_key=k2, unionid="u-alice")
     r = await decrypt(gw, first["token"], k1, user_data(nickName="three"))
-    assert_error(r, 401, "unauthenticated", contains="log in again")
+    assert_stale(r)
     r = await decrypt(gw, second["token"], k2, user_data(nickName="four"))
     assert r.code == 200, r.body
+
+
+async def decrypt_with_code(gw, fake, token: str, plaintext: bytes, *, openid: str = "o-alice",
+                            session_key: str | None = None):
+    """/decrypt with a fresh wx.login code whose session_key encrypted ``plaintext``."""
+    session_key = session_key or new_session_key()
+    code = new_code()
+    fake.add_code(code, appid=MAIN_APPID, openid=openid, session_key=session_key)
+    iv = new_iv()
+    payload = {"encryptedData": encrypt(session_key, iv, pkcs7(plaintext)), "iv": iv, "code": code}
+    return await gw.client.request("POST", DECRYPT, json_body=payload, token=token), code
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+@gen
+async def test_decrypt_with_a_fresh_code_renews_the_session_key_in_the_same_session(start, fake, request, store):
+    sessions = redis_sessions(request.getfixturevalue("redis_url")) if store == "redis" else {}
+    gw = await start(sessions=sessions)
+    k1, k2, k3 = new_session_key(), new_session_key(), new_session_key()
+    first = await login(gw, fake, openid="o-alice", session_key=k1)
+    second = await login(gw, fake, openid="o-alice", session_key=k2)  # WeChat replaced k1
+    assert_stale(await decrypt(gw, first["token"], k1, user_data(nickName="stale")))
+
+    r, code = await decrypt_with_code(gw, fake, first["token"], user_data(nickName="renewed"), session_key=k3)
+    assert r.code == 200, r.body
+    assert body(r) == {"nickName": "renewed"}
+    assert fake.seen(JSCODE2SESSION)[-1].query == {"appid": MAIN_APPID, "secret": MAIN_SECRET, "js_code": code,
+                                                   "grant_type": "authorization_code"}
+    assert k3 not in all_text(r)
+    # the same session and token, now holding k3: later calls need no code
+    r = await gw.client.request("GET", "/auth/session", token=first["token"])
+    assert r.code == 200 and body(r)["session"]["id"] == first["session"]["id"], r.body
+    assert body(r)["user"]["profile"]["nickName"] == "renewed"
+    r = await decrypt(gw, first["token"], k3, user_data(nickName="again"))
+    assert r.code == 200, r.body
+    # the exchange replaced the other session's key in turn
+    assert_stale(await decrypt(gw, second["token"], k2, user_data(nickName="x")))
+    # one session each, no new one
+    r = await gw.client.request("GET", "/auth/sessions", token=first["token"])
+    assert sorted(s["id"] for s in body(r)["sessions"]) == sorted([first["session"]["id"], second["session"]["id"]])
+
+
+@gen
+async def test_a_renewed_session_key_opens_in_another_gateway_on_one_redis(start, fake, redis_url):
+    gw1 = await start(sessions=redis_sessions(redis_url))
+    gw2 = await start(sessions=redis_sessions(redis_url))
+    data = await login(gw1, fake, openid="o-alice")
+    k2 = new_session_key()
+    r, _ = await decrypt_with_code(gw1, fake, data["token"], user_data(nickName="one"), session_key=k2)
+    assert r.code == 200, r.body
+    r = await decrypt(gw2, data["token"], k2, user_data(nickName="two"))
+    assert r.code == 200, r.body
+
+
+@gen
+async def test_decrypt_with_a_bad_or_used_code_is_401_and_keeps_the_session_key(start, fake):
+    gw = await start()
+    k1 = new_session_key()
+    data = await login(gw, fake, openid="o-alice", session_key=k1)
+    iv = new_iv()
+    payload = {"encryptedData": encrypt(k1, iv, pkcs7(user_data(nickName="x"))), "iv": iv, "code": "no-such-code"}
+    r = await gw.client.request("POST", DECRYPT, json_body=payload, token=data["token"])
+    assert_error(r, 401, "invalid_credentials", contains="wx.login")
+    r, code = await decrypt_with_code(gw, fake, data["token"], user_data(nickName="y"))
+    assert r.code == 200, r.body
+    payload["code"] = code  # used
+    r = await gw.client.request("POST", DECRYPT, json_body=payload, token=data["token"])
+    assert_error(r, 401, "invalid_credentials")
+    for bad in (7, "", "c" * 257):
+        payload["code"] = bad
+        r = await gw.client.request("POST", DECRYPT, json_body=payload, token=data["token"])
+        assert_error(r, 400, "invalid_request", contains="code")
+
+
+@gen
+async def test_decrypt_with_another_wechat_users_code_is_refused_and_changes_nothing(start, fake):
+    gw = await start()
+    k1 = new_session_key()
+    alice = await login(gw, fake, openid="o-alice", session_key=k1)
+    r, _ = await decrypt_with_code(gw, fake, alice["token"], user_data(nickName="bob"), openid="o-bob")
+    assert_error(r, 401, "invalid_credentials", contains="another WeChat user")
+    assert "nickName" not in await profile_of(gw, alice["token"])
+    r = await decrypt(gw, alice["token"], k1, user_data(nickName="alice"))
+    assert r.code == 200, r.body
+
+
+@gen
+async def test_the_fakes_own_codes_and_samples_log_in_and_decrypt(start, fake):
+    """What gateway.testing.wechat offers a plugin's tests: minted wx.login
+    codes, user data encrypted under the user's current session_key (which,
+    as at WeChat, each wx.login replaces), and phone codes."""
+    from gateway_plugins.wechat import decrypt_user_data
+
+    gw = await start()
+    r = await gw.client.request("POST", LOGIN, json_body={"code": fake.mint_code("o-carol", appid=MAIN_APPID)})
+    assert r.code == 200, r.body
+    token = body(r)["token"]
+    r = await gw.client.request("POST", DECRYPT, json_body=fake.encrypted_data("o-carol", {"nickName": "Carol"}, appid=MAIN_APPID),
+                                token=token)
+    assert r.code == 200, r.body
+    assert body(r) == {"openId": "o-carol", "nickName": "Carol"}
+    # wx.login again: the data comes under the new key, which the gateway learns from the code
+    code = fake.mint_code("o-carol", appid=MAIN_APPID)
+    fresh = fake.encrypted_data("o-carol", {"nickName": "Carol 2"}, appid=MAIN_APPID)
+    r = await gw.client.request("POST", DECRYPT, json_body=fresh, token=token)
+    assert_error(r, 400, "invalid_request")  # under a key the session does not hold
+    r = await gw.client.request("POST", DECRYPT, json_body={**fresh, "code": code}, token=token)
+    assert r.code == 200 and body(r)["nickName"] == "Carol 2", r.body
+    r = await gw.client.request("POST", PHONE_PATH, json_body={"code": fake.mint_phone_code("+86 13900139000")},
+                                token=token)
+    assert r.code == 200, r.body
+    assert body(r) == {"phoneNumber": "+86 13900139000", "purePhoneNumber": "13900139000", "countryCode": "86"}
+    with pytest.raises(ValueError, match="no session_key yet"):
+        fake.encrypted_data("o-nobody", appid=MAIN_APPID)
+    sample = encrypt_user_data(SAMPLE_SESSION_KEY, SAMPLE_PLAINTEXT)
+    assert decrypt_user_data(SAMPLE_SESSION_KEY, sample["iv"], sample["encryptedData"]) == SAMPLE_PLAINTEXT
 
 
 @gen
@@ -1132,7 +1258,7 @@ async def test_a_second_gateway_on_one_redis_opens_the_sealed_session_key_and_se
     assert (await profile_of(gw1, first["token"]))["nickName"] == "via gw2"
     second = await login(gw2, fake, openid="o-alice", session_key=k2)
     r = await decrypt(gw1, first["token"], k1, user_data(nickName="stale"))
-    assert_error(r, 401, "unauthenticated", contains="log in again")
+    assert_stale(r)
     r = await decrypt(gw1, second["token"], k2, user_data(nickName="fresh"))
     assert r.code == 200, r.body
 
@@ -1146,7 +1272,7 @@ async def test_a_gateway_with_another_encryption_key_cannot_open_the_session_key
     session_key = new_session_key()
     data = await login(gw1, fake, session_key=session_key)
     r = await decrypt(gw2, data["token"], session_key, user_data(nickName="x"))
-    assert_error(r, 401, "unauthenticated", contains="log in again")
+    assert_stale(r)
     r = await decrypt(gw1, data["token"], session_key, user_data(nickName="x"))
     assert r.code == 200, r.body
 

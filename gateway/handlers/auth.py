@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
 import tornado.web
 
+from gateway import metrics
 from gateway.api import Endpoint, LoginResult, Principal, Provider
 from gateway.app import Gateway
 from gateway.errors import GatewayError, not_found, unauthenticated
 from gateway.handlers.base import BaseHandler
-from gateway.sessions.manager import SupersededToken
+from gateway.handlers.consent import ConsentHandler, ConsentItemHandler, login_consent
+from gateway.handlers.openapi import OpenAPIHandler
+from gateway.handlers.profile import ProfileHandler
+from gateway.openapi import Operation, Published, endpoint_operation, login_operation, ref
+from gateway.sessions.manager import Session, SupersededToken
 
 
 class AuthHandler(BaseHandler):
@@ -33,13 +38,33 @@ class AuthHandler(BaseHandler):
         user = await self.gateway.profiles.get_user(principal.user_id)
         return {"id": principal.user_id, "profile": user.profile if user else {}}
 
+    def remember(self) -> bool:
+        """Is the session a login starts now remembered?  ``sessions.remember``
+        decides, or (``"optional"``) the body's ``"remember"`` (default
+        false; a non-boolean is a 400 whatever the setting)."""
+        try:
+            body = self.json_body()
+        except GatewayError:
+            body = {}  # a provider endpoint that reads no JSON body
+        asked = bool(self.field(body, "remember", bool, default=False))
+        policy = self.gateway.config.sessions.remember
+        return policy == "always" or (policy == "optional" and asked)
+
+    def set_cookie_for(self, token: str, session: Session) -> None:
+        """A remembered session's cookie lasts as long as the session may
+        (``Max-Age``); any other is a browser-session cookie."""
+        self.set_session_cookie(token, session.absolute_expires_at - time.time() if session.remembered else None)
+
     async def start_session(self, result: LoginResult, provider: str, *, status: int = 200) -> None:
-        """Create a fresh session for a successful login and answer with it."""
+        """Create a fresh session for a successful login and answer with it.
+        The login's JSON body (if it had one) is ``self.json_body()``."""
         token, session = await self.gateway.sessions.create(
             result.user.id, provider, ip=self.client_ip,
             user_agent=self.request.headers.get("User-Agent", ""), data=result.session_data,
+            remember=self.remember(),
         )
-        self.set_session_cookie(token, session.absolute_expires_at - time.time())
+        self.set_cookie_for(token, session)
+        consent = await login_consent(self, result.user.id, session.id)  # the body's "accept"; consent_required
         self.write_json(
             {
                 "token": token,
@@ -47,6 +72,7 @@ class AuthHandler(BaseHandler):
                 "expires_at": session.public()["expires_at"],
                 "session": session.public(),
                 "user": {"id": result.user.id, "profile": result.user.profile},
+                **consent,
             },
             status,
         )
@@ -57,8 +83,21 @@ class LoginHandler(AuthHandler):
 
     provider: Provider
 
+    @classmethod
+    def operations_for(cls, provider: Provider) -> Mapping[str, Operation]:
+        return {"post": login_operation(provider)}
+
     async def post(self) -> None:
+        try:
+            await self._login()
+        except Exception as exc:  # counted by the refusal's error code
+            metrics.login(self.provider.name, exc.code if isinstance(exc, GatewayError) else "internal")
+            raise
+        metrics.login(self.provider.name, "ok")
+
+    async def _login(self) -> None:
         body = self.json_body()
+        self.remember()  # a bad "remember" is refused before the provider acts
         result = await self.gateway.call_provider(self.provider, "login", self, body)
         if not isinstance(result, LoginResult):
             raise GatewayError("internal", "an internal error occurred",
@@ -73,9 +112,17 @@ class EndpointHandler(AuthHandler):
     provider: Provider
     endpoint: Endpoint
 
+    @classmethod
+    def operations_for(cls, provider: Provider, endpoint: Endpoint) -> Mapping[str, Operation]:
+        return {endpoint.method.lower(): endpoint_operation(provider, endpoint)}
+
+    def allowed_methods(self) -> list[str]:
+        return [self.endpoint.method]
+
     async def _serve(self) -> None:
         if self.request.method != self.endpoint.method:
             raise tornado.web.HTTPError(405)
+        self.remember()  # a bad "remember" is refused before the endpoint acts (a registration, say)
         result = await self.gateway.call_for(self.provider, f"endpoint {self.endpoint.path}",
                                              self.endpoint.handler, self)
         if isinstance(result, LoginResult):
@@ -107,6 +154,11 @@ class EndpointHandler(AuthHandler):
 
 
 class RefreshHandler(AuthHandler):
+    operations: ClassVar[Mapping[str, Operation]] = {"post": Operation(
+        "Replace the session's token", {200: ref("Refreshed")}, session=True,
+        description="The replaced token keeps working for `sessions.rotation_grace` for proxied requests, "
+                    "`GET /session` and logout only; presented here again, it ends the session.")}
+
     async def post(self) -> None:
         try:
             _, current = await self.own_session(allow_superseded=False)
@@ -117,10 +169,11 @@ class RefreshHandler(AuthHandler):
         try:
             token, session = await self.gateway.sessions.refresh(current)
         except LookupError:
-            raise unauthenticated("the session has ended") from None
-        except SupersededToken:
-            raise unauthenticated("this token was already refreshed; use the newer token") from None
-        self.set_session_cookie(token, session.absolute_expires_at - time.time())
+            raise await self.unauthenticated_error(self.session_token()) from None
+        except SupersededToken:  # a concurrent /refresh won: the cookie may be its newer one already
+            raise unauthenticated("this token was already refreshed; use the newer token",
+                                  reason="superseded") from None
+        self.set_cookie_for(token, session)  # the same kind of session, the same kind of cookie
         self.write_json({"token": token, "token_type": "Bearer", "expires_at": session.public()["expires_at"],
                          "session": session.public()})
 
@@ -141,10 +194,13 @@ class RefreshHandler(AuthHandler):
             if self._token_source == "cookie":
                 self.clear_session_cookie()
             raise unauthenticated("this token was already refreshed and was presented again, "
-                                  "so the session has ended; log in again")
+                                  "so the session has ended; log in again", reason="revoked")
 
 
 class LogoutHandler(AuthHandler):
+    operations: ClassVar[Mapping[str, Operation]] = {"post": Operation(
+        "End this session and clear the cookie", {204: None}, session=True)}
+
     async def post(self) -> None:
         principal = await self.require_session()
         assert principal.session is not None
@@ -155,6 +211,9 @@ class LogoutHandler(AuthHandler):
 
 
 class LogoutAllHandler(AuthHandler):
+    operations: ClassVar[Mapping[str, Operation]] = {"post": Operation(
+        "End every session of this user", {204: None}, session=True)}
+
     async def post(self) -> None:
         principal = await self.require_session(allow_superseded=False)
         await self.gateway.sessions.revoke_user(principal.user_id, "logout_all")
@@ -166,12 +225,22 @@ class LogoutAllHandler(AuthHandler):
 class SessionHandler(AuthHandler):
     """``GET {auth_prefix}/session``: who am I, and until when."""
 
+    operations: ClassVar[Mapping[str, Operation]] = {"get": Operation(
+        "Who is calling, and until when", {200: {
+            "type": "object", "required": ["user", "session"],
+            "properties": {"user": ref("User"), "session": ref("Session")}}}, session=True)}
+
     async def get(self) -> None:
         principal, session = await self.own_session()
         self.write_json({"user": await self.user_body(principal), "session": session.public()})
 
 
 class SessionsHandler(AuthHandler):
+    operations: ClassVar[Mapping[str, Operation]] = {"get": Operation(
+        "This user's sessions", {200: {
+            "type": "object", "required": ["sessions"],
+            "properties": {"sessions": {"type": "array", "items": ref("SessionListing")}}}}, session=True)}
+
     async def get(self) -> None:
         principal = await self.require_session(allow_superseded=False)
         sessions = await self.gateway.sessions.list_user(principal.user_id)
@@ -179,6 +248,9 @@ class SessionsHandler(AuthHandler):
 
 
 class SessionItemHandler(AuthHandler):
+    operations: ClassVar[Mapping[str, Operation]] = {"delete": Operation(
+        "End one of this user's sessions", {204: None}, session=True, errors=(404,))}
+
     async def delete(self, session_id: str) -> None:
         principal = await self.require_session(allow_superseded=False)
         target = await self.gateway.sessions.store.get(session_id)
@@ -220,6 +292,10 @@ def routes(gateway: Gateway) -> list[tuple[Any, ...]]:
         (p("session"), SessionHandler),
         (p("sessions"), SessionsHandler),
         (p("sessions", r"([A-Za-z0-9_\-]{1,64})"), SessionItemHandler),
+        (p("consent"), ConsentHandler, {"consent": gateway.consent}),
+        (p("consent", r"([a-z0-9][a-z0-9_\-]{0,31})"), ConsentItemHandler, {"consent": gateway.consent}),
+        (p("profile"), ProfileHandler, {"preferences": gateway.preferences}),
+        (p(re.escape("openapi.json")), OpenAPIHandler, {"published": Published()}),
     ]
     return out
 

@@ -21,7 +21,8 @@ from tornado.concurrent import Future
 
 from gateway.api import Principal
 from gateway.app import Gateway
-from gateway.errors import GatewayError, error_body_for_status, invalid_request, unauthenticated
+from gateway import metrics
+from gateway.errors import GatewayError, StoreUnavailable, error_body_for_status, invalid_request, unauthenticated
 from gateway.plugins import plugin_failure
 from gateway.sessions.manager import Session, SupersededToken
 
@@ -47,6 +48,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self._token_source: str | None = None
         self._principal: Principal | None = None
         self._principal_resolved = False
+        #: the gateway token this request presented that opened no session
+        self._stale_token: str | None = None
 
     @property
     def gateway(self) -> Gateway:
@@ -138,7 +141,14 @@ class BaseHandler(tornado.web.RequestHandler):
         return self._chunks[0]
 
     def json_body(self) -> dict[str, Any]:
-        """The body as a JSON object, or a 400 that says what is wrong."""
+        """The body as a JSON object, or a 400 that says what is wrong
+        (parsed once per request)."""
+        parsed: dict[str, Any] | None = getattr(self, "_json_body", None)
+        if parsed is None:
+            parsed = self._json_body = self._parse_json_body()
+        return parsed
+
+    def _parse_json_body(self) -> dict[str, Any]:
         if not self.body.strip():
             raise invalid_request("the request body must be a JSON object")
         # Required, not assumed: a cross-site page can post a body without
@@ -178,12 +188,32 @@ class BaseHandler(tornado.web.RequestHandler):
 
     # -- errors ---------------------------------------------------------------
 
+    def allowed_methods(self) -> list[str]:
+        """The methods this resource answers, for ``Allow`` on a 405 (RFC 9110
+        §15.5.6): those of :attr:`SUPPORTED_METHODS` the class implements,
+        ``OPTIONS`` only where it is more than this class's CORS preflight.
+        A handler whose methods depend on its route overrides this."""
+        methods = []
+        for method in self.SUPPORTED_METHODS:
+            implemented = getattr(type(self), method.lower(), None)
+            inherited = BaseHandler.options if method == "OPTIONS" else getattr(
+                tornado.web.RequestHandler, method.lower(), None)
+            if implemented is not None and implemented is not inherited:
+                methods.append(method)
+        return methods
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         if isinstance(exc, GatewayError):
+            metrics.error_rendered(exc.status, exc.code, exc.store if isinstance(exc, StoreUnavailable) else None)
             body = exc.body()
             for name, value in exc.headers.items():
                 self.set_header(name, value)
+            retry = exc.headers.get("Retry-After", "")
+            if exc.status == 429 and retry.isdigit():
+                body.setdefault("retry_after", int(retry))  # every 429 says it in its body too
         elif isinstance(exc, tornado.web.HTTPError):
             body = error_body_for_status(status_code, exc.reason if exc.reason else None)
         else:
@@ -214,7 +244,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if origin:
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Access-Control-Allow-Credentials", "true")
-            self.set_header("Access-Control-Expose-Headers", "X-Request-Id")
+            self.set_header("Access-Control-Expose-Headers", "Retry-After, WWW-Authenticate, X-Request-Id")
         self.set_header("Vary", "Origin")
 
     def allowed_origin(self) -> str | None:
@@ -339,9 +369,14 @@ class BaseHandler(tornado.web.RequestHandler):
             try:
                 session = await self.gateway.sessions.authenticate(token, ip=self.client_ip, allow_superseded=allow_superseded)
             except SupersededToken:
-                raise unauthenticated("this token was already refreshed; use the newer token") from None
+                # Still in its grace: the cookie is left alone, for the
+                # browser may hold the newer one already (a concurrent /refresh).
+                raise unauthenticated("this token was already refreshed; use the newer token",
+                                      reason="superseded") from None
             if session is not None:
                 principal = Principal(user_id=session.user_id, provider=session.provider, session=session)
+            else:
+                self._stale_token = token
         if principal is None and not (token and self._token_source == "bearer"):
             principal = await self.gateway.authenticate_request(self.request)
         self._principal, self._principal_resolved = principal, True
@@ -351,19 +386,35 @@ class BaseHandler(tornado.web.RequestHandler):
         """:meth:`require_session`, with the gateway's own session record."""
         principal = await self.require_session(allow_superseded=allow_superseded)
         if not isinstance(principal.session, Session):  # a plugin's principal claiming a session
-            raise unauthenticated()
+            raise unauthenticated(reason="invalid")
         return principal, principal.session
 
     async def require_session(self, *, allow_superseded: bool = True) -> Principal:
         principal = await self.get_principal(allow_superseded=allow_superseded)
         if principal is None or principal.session is None:
-            if self._token_source == "cookie":
-                # The browser cannot drop an HttpOnly cookie itself.  (Only
-                # here, where the store answered: an outage raises 503 before.)
-                self.clear_session_cookie()
-            raise unauthenticated()
+            raise await self.unauthenticated_error()
         self.check_csrf()
         return principal
+
+    async def unauthenticated_error(self, stale_token: str | None = None) -> GatewayError:
+        """The 401 for a request whose credential opened no session, with
+        its ``reason``: ``missing`` when it presented none, else why the
+        gateway token (``stale_token``, by default the one
+        :meth:`get_principal` found dead) opens nothing, as the store still
+        knows it; ``invalid`` for any other credential.  A dead cookie is
+        cleared, since the browser cannot drop an ``HttpOnly`` cookie itself
+        (only here, where the store answered: an outage raises 503 first)."""
+        token = stale_token or self._stale_token
+        if token is not None:
+            reason = await self.gateway.sessions.ended_reason(token)
+            if self._token_source == "cookie":
+                self.clear_session_cookie()
+        elif self._token_source is not None or "Authorization" in self.request.headers \
+                or self.credential_headers():
+            reason = "invalid"
+        else:
+            reason = "missing"
+        return unauthenticated(reason=reason)
 
     def check_csrf(self) -> None:
         """A cookie-authenticated unsafe request needs an allowed Origin (or
@@ -395,11 +446,14 @@ class BaseHandler(tornado.web.RequestHandler):
 
     # -- cookies ----------------------------------------------------------------
 
-    def set_session_cookie(self, token: str, max_age: float) -> None:
+    def set_session_cookie(self, token: str, max_age: float | None) -> None:
+        """The session cookie: persistent for ``max_age`` seconds, or a
+        browser-session cookie (neither ``Max-Age`` nor ``Expires``) for ``None``."""
         s = self.gateway.config.sessions
         self.set_cookie(
             s.cookie_name, token, path="/", httponly=True, secure=s.cookie_secure,
-            samesite=s.cookie_samesite, max_age=int(max_age), domain=s.cookie_domain or None,
+            samesite=s.cookie_samesite, max_age=None if max_age is None else max(1, int(max_age)),
+            domain=s.cookie_domain or None,
         )
 
     def clear_session_cookie(self) -> None:

@@ -2,10 +2,14 @@
 
 Before plugins kept their own records (:class:`gateway.api.Collection`),
 the profile store kept API keys in a table (SQLite) or collection (MongoDB)
-of its own, ``api_keys``.  At open, its rows are copied into the records of
-the plugin that owns API keys now (collection ``apikey_keys``, as the
-built-in API-key plugin declares it), and the old table is kept as
-``api_keys_migrated``: nothing is lost.  This module is the one place in the
+of its own, ``api_keys``.  At every open, its rows not copied yet are copied into the
+records of the plugin that owns API keys now (collection ``apikey_keys``,
+as the built-in API-key plugin declares it); a key already copied is never
+overwritten.  The old table is left as it is, so older versions still
+running beside the new one (a rolling upgrade) or brought back (a rollback)
+keep working with the keys made before; keys an older version makes
+meanwhile are copied at the next open.  Drop ``api_keys`` once no older
+version runs.  This module is the one place in the
 core that knows that plugin's storage, and only to carry old data over.
 """
 
@@ -16,7 +20,7 @@ import json
 import sqlite3
 
 from pymongo import ASCENDING
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.errors import DuplicateKeyError
 
 from gateway.api import Collection
 from gateway.profiles.mongodb import MongoProfileStore
@@ -27,11 +31,10 @@ _API_KEYS = Collection("apikey_keys", key="id", indexes=("user_id",))
 
 
 def sqlite_api_keys(conn: sqlite3.Connection) -> None:
-    """One-off, at open: files from before plugins kept their own records hold
-    API keys in a table ``api_keys``.  Copy its rows into the API-key plugin's
-    collection, then keep the old table as ``api_keys_migrated`` (nothing is
-    lost).  Runs in one write transaction, so of several processes opening
-    the file only the first one migrates."""
+    """At open: copy the API keys of an ``api_keys`` table (files from before
+    plugins kept their own records) that are not in the plugin's collection
+    yet.  Runs in one write transaction, so processes opening the file at
+    once copy each key once."""
     def exists(name: str) -> bool:
         return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                             (name,)).fetchone() is not None
@@ -55,43 +58,26 @@ def sqlite_api_keys(conn: sqlite3.Connection) -> None:
             "created_at": _dt(row[5]), "expires_at": _opt_dt(row[6]),
             "revoked_at": _opt_dt(row[7]), "last_used_at": _opt_dt(row[8]),
         }, or_ignore=True)
-    if exists("api_keys_migrated"):  # made again by an older version since the last migration
-        conn.execute("INSERT OR IGNORE INTO api_keys_migrated SELECT * FROM api_keys")
-        conn.execute("DROP TABLE api_keys")
-    else:
-        conn.execute("ALTER TABLE api_keys RENAME TO api_keys_migrated")
 
 
 async def mongodb_api_keys(store: MongoProfileStore) -> None:
-    """One-off, at open: databases from before plugins kept their own
-    records hold API keys in a collection ``api_keys`` (documents already
-    shaped as records: ``_id`` the key id).  Copy them into the API-key
-    plugin's collection, then keep the old collection as
-    ``api_keys_migrated`` (nothing is lost).  Safe to repeat and to race:
-    a copied key is skipped, and only one rename succeeds."""
+    """At open: copy the API keys of an ``api_keys`` collection (documents
+    already shaped as records: ``_id`` the key id) that are not in the
+    plugin's collection yet.  Safe to repeat and to race: a copied key is
+    skipped."""
     db = store.db
     if not await db.list_collection_names(filter={"name": "api_keys"}):
         return
     old = db["api_keys"]
     docs = await old.find().sort([("created_at", ASCENDING), ("_id", ASCENDING)]).to_list(None)
+    target = db[f"plugin_{_API_KEYS.name}"]
+    copied = set(await target.distinct("_id", {"_id": {"$in": [d["_id"] for d in docs]}})) if docs else set()
+    docs = [d for d in docs if d["_id"] not in copied]
     if docs:
         last = await store.reserve_seq(_API_KEYS.name, len(docs))
-        target = db[f"plugin_{_API_KEYS.name}"]
         for n, doc in enumerate(docs):
-            with contextlib.suppress(DuplicateKeyError):  # copied by an earlier run
+            with contextlib.suppress(DuplicateKeyError):  # a concurrent open copied it
                 await target.insert_one({**doc, "_seq": last - len(docs) + 1 + n})
-    try:
-        await old.rename("api_keys_migrated")
-    except OperationFailure as exc:
-        if exc.code == 26:  # NamespaceNotFound: a concurrent open renamed it
-            return
-        if exc.code != 48:  # NamespaceExists: made again by an older version since
-            raise
-        kept = db["api_keys_migrated"]
-        for doc in docs:
-            with contextlib.suppress(DuplicateKeyError):
-                await kept.insert_one(doc)
-        await old.drop()
 
 
 #: What a store runs at open, oldest upgrade first.

@@ -30,7 +30,8 @@ import tornado.httputil
 import tornado.iostream
 from tornado.http1connection import HTTP1Connection
 
-from gateway.errors import GatewayError, invalid_request, not_found, unauthenticated
+from gateway import metrics
+from gateway.errors import GatewayError, invalid_request, not_found
 from gateway.handlers.base import BaseHandler
 from gateway.proxy import policy
 from gateway.proxy.upstream import (
@@ -146,6 +147,8 @@ class ProxyHandler(BaseHandler):
     _upstream_request_headers: list[tuple[str, str]] | None = None
     #: the running exchange's deadline
     _deadline: asyncio.Timeout | None = None
+    #: ``X-Consent`` for the upstream, set by :meth:`admit` on a route with ``require_consent``
+    _consent: tuple[tuple[str, str], ...] = ()
 
     def compute_etag(self) -> None:
         return None  # the upstream's ETag, if any, is relayed as is
@@ -205,8 +208,9 @@ class ProxyHandler(BaseHandler):
     async def admit(self, route: Route, *, websocket: bool = False) -> Principal | None:
         """Who is calling, and may they use ``route``?  Refuses credentials
         sent where the gateway does not read them, a missing or dead one
-        where it matters (401, clearing a dead cookie), route policy (403)
-        and cross-site cookie requests (403 ``csrf``)."""
+        where it matters (401, clearing a dead cookie), route policy (403),
+        cross-site cookie requests (403 ``csrf``) and, last, a caller lacking
+        the route's ``require_consent`` (403 ``consent_required``)."""
         request = self.request
         credentials = self.gateway.credentials
         where = policy.stray_credential(request.headers.get_all(), request.query,
@@ -219,9 +223,7 @@ class ProxyHandler(BaseHandler):
         principal = await self.get_principal()
         if principal is None:
             if route.auth == "required" or self.presented_credential():
-                if self._token_source == "cookie":
-                    self.clear_session_cookie()
-                raise unauthenticated()
+                raise await self.unauthenticated_error()  # with its reason; a dead cookie is cleared
             return None
         self.check_authorised(route, principal)
         if websocket:
@@ -229,6 +231,9 @@ class ProxyHandler(BaseHandler):
                 self.check_websocket_origin()
         else:
             self.check_csrf()
+        if route.require_consent:  # the one store read of consent, on such routes only (after the cheap checks)
+            self._consent = ((policy.CONSENT_HEADER,
+                              await self.gateway.consent.admit(principal.user_id, route.require_consent)),)
         return principal
 
     def check_websocket_origin(self) -> None:
@@ -265,6 +270,8 @@ class ProxyHandler(BaseHandler):
         trusted = self.peer_is_trusted
         identity = policy.identity_headers(principal.user_id, principal.provider, principal.session_id,
                                            principal.scopes) if principal is not None else []
+        if principal is not None:  # X-Consent, and the [profiles] upstream_headers (cached per process)
+            identity += [*self._consent, *await self.gateway.preferences.upstream_headers(principal.user_id)]
         out = policy.upstream_request_headers(
             list(request.headers.get_all()),
             strip=strip,
@@ -381,10 +388,12 @@ class ProxyHandler(BaseHandler):
         try:
             async with asyncio.timeout_at(None if channel else loop.time() + route.request_timeout) as deadline:
                 self._deadline = deadline
+                sent = loop.time()
                 response = await pool.send(request.method or "GET", url, headers,
                                            channel.chunks() if channel is not None else None,
                                            connect_timeout=route.connect_timeout,
                                            request_timeout=route.request_timeout, deadline=deadline)
+                metrics.upstream_answered(route.prefix, loop.time() - sent)
                 if channel is not None and channel.stalled:
                     return self._client_stalled()
                 await self._relay(response, deadline)

@@ -30,8 +30,10 @@ HOP_BY_HOP = frozenset({
 })
 #: Header names only the gateway may set (compared after lower-casing and ``_`` -> ``-``).
 IDENTITY_HEADERS = ("X-User-Id", "X-Auth-Provider", "X-Session-Id", "X-Auth-Scopes")
+#: The caller's accepted current consent documents (on routes with ``require_consent``).
+CONSENT_HEADER = "X-Consent"
 GATEWAY_OWNED = frozenset(h.lower() for h in IDENTITY_HEADERS) | {
-    "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+    CONSENT_HEADER.lower(), "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
 }
 #: Believed by upstreams as facts about the client or the original request:
 #: passed on only from a trusted proxy (any ``X-Forwarded-*`` name too).

@@ -29,6 +29,7 @@ import tornado.routing
 import tornado.web
 import tornado.websocket
 
+from gateway import metrics
 from gateway.errors import GatewayError, StoreUnavailable, invalid_request
 from gateway.proxy.handler import ProxyHandler
 from gateway.proxy.upstream import UpstreamError, UpstreamFailed, UpstreamSocket, UpstreamTimeout
@@ -64,6 +65,8 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler, ProxyHandler):
     principal: Principal | None = None
     _pump: "asyncio.Task[None] | None" = None
     _closing_reason: str | None = None
+    #: counted in gateway_websocket_connections (from open() until on_close())
+    _counted = False
 
     # -- before the upgrade --------------------------------------------------------
 
@@ -130,6 +133,8 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler, ProxyHandler):
     def open(self, *args: Any, **kwargs: Any) -> None:
         self._not_in_flight()  # an open socket is not a request a graceful stop waits for
         watcher(self.gateway).add(self)
+        metrics.websocket_opened(self.route.prefix)
+        self._counted = True
         self._pump = asyncio.ensure_future(self._from_upstream())
 
     async def on_message(self, message: str | bytes) -> None:
@@ -179,6 +184,9 @@ class WebSocketProxyHandler(tornado.websocket.WebSocketHandler, ProxyHandler):
 
     def on_close(self) -> None:
         watcher(self.gateway).discard(self)
+        if self._counted:
+            self._counted = False
+            metrics.websocket_closed(self.route.prefix)
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             code, reason = self.close_code, self.close_reason
@@ -274,7 +282,7 @@ class SocketWatcher:
         if now - session.last_seen_at < manager.touch_interval:
             return
         session.last_seen_at = now
-        session.expires_at = min(now + manager.idle_timeout, session.absolute_expires_at)
+        session.expires_at = manager.idle_deadline(session, now)  # a remembered session's own timeout
         ttl = max(min(session.expires_at, session.absolute_expires_at) - now, 1.0)
         await self.gateway.session_store.save(session.to_record(), ttl)
 
@@ -296,9 +304,7 @@ def _live(session: Session, now: float) -> bool:
 
 def watcher(gateway: Gateway) -> SocketWatcher:
     """The process's watcher (made on first use)."""
-    found: SocketWatcher | None = getattr(gateway, "socket_watcher", None)
+    found: SocketWatcher | None = gateway.socket_watcher
     if found is None:
-        found = SocketWatcher(gateway)
-        # Kept on the gateway, which declares no attribute for it.
-        setattr(gateway, "socket_watcher", found)
+        found = gateway.socket_watcher = SocketWatcher(gateway)
     return found

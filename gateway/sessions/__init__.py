@@ -20,7 +20,8 @@ def open_session_store(settings: SessionsConfig) -> SessionStore:
 
         return RedisSessionStore(settings.redis_url, timeout=settings.redis_timeout,
                                  max_connections=settings.redis_max_connections,
-                                 pool_timeout=settings.redis_pool_timeout)
+                                 pool_timeout=settings.redis_pool_timeout,
+                                 retention=settings.ended_retention)
     from gateway.sessions.memory import MemorySessionStore
 
-    return MemorySessionStore()
+    return MemorySessionStore(retention=settings.ended_retention)

@@ -9,6 +9,26 @@ replayed old token can end its session), and by user (for listings, "logout
 everywhere" and ``max_per_user``).  Every record and index entry carries a TTL
 so expired sessions vanish on their own.
 
+Ended sessions stay recognisable for ``retention`` seconds (the store's
+constructor argument, ``sessions.ended_retention``), so that a refused token
+can be told why: a *marker* keyed by the SHA-256 of a token holds only a
+reason (:data:`ENDED_REASONS`), never the session or anything that could
+open it again.  Nobody writes at expiry time, so every token carries a
+marker from the start:
+
+- :meth:`SessionStore.create` and :meth:`SessionStore.save` mark the current
+  token ``expired``, for the session's TTL plus ``retention`` (the marker
+  only speaks once the token no longer opens the session);
+- :meth:`SessionStore.rotate` and :meth:`SessionStore.save` mark the
+  previous token and those of ``superseded_hashes`` ``superseded``, for the
+  same time;
+- :meth:`SessionStore.delete` and a ``max_per_user`` eviction mark every
+  token of the session (current, previous, superseded) ``revoked``, for
+  ``retention``.
+
+With ``retention`` 0 no marker is written.  Markers cost nothing on the hot
+path: :meth:`SessionStore.ended` is read only after a lookup failed.
+
 The store keeps sessions only; counters and small shared values are
 :mod:`gateway.state`'s.
 
@@ -22,11 +42,16 @@ from typing import Any
 
 Record = dict[str, Any]
 
+#: What a marker says of a token that opens no session any more.
+ENDED_REASONS = ("expired", "revoked", "superseded")
+
 
 class SessionStore(abc.ABC):
     name: str = ""
     #: True when several processes can share the store.
     shared: bool = False
+    #: seconds an ended session's tokens stay recognisable (see the module docstring)
+    retention: float = 0.0
 
     async def open(self) -> None:
         """Connect (may be lazy)."""
@@ -36,9 +61,10 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     async def create(self, record: Record, ttl: float, max_per_user: int) -> list[Record]:
-        """Store a new session under its id and ``record["token_hash"]``.
-        When ``max_per_user`` > 0 and the user now has more live sessions,
-        delete the oldest ones and return them."""
+        """Store a new session under its id and ``record["token_hash"]``
+        (marked ``expired`` for ``ttl`` + retention).  When ``max_per_user``
+        > 0 and the user now has more live sessions, delete the oldest ones
+        (marking their tokens ``revoked``) and return them."""
 
     @abc.abstractmethod
     async def lookup(self, token_hash: str) -> Record | None:
@@ -52,6 +78,13 @@ class SessionStore(abc.ABC):
         session lists it."""
 
     @abc.abstractmethod
+    async def ended(self, token_hash: str) -> str | None:
+        """What the marker of ``token_hash`` says (one of
+        :data:`ENDED_REASONS`), ``None`` when there is none.  Meaningful
+        only for a token that :meth:`lookup` no longer finds a live session
+        for: a live session's current token is marked ``expired`` already."""
+
+    @abc.abstractmethod
     async def get(self, session_id: str) -> Record | None:
         """The session with this id."""
 
@@ -60,7 +93,10 @@ class SessionStore(abc.ABC):
         """Overwrite an *existing* session and extend its TTL (and its current
         token's and those of ``record["superseded_hashes"]``), but only if the
         stored record's ``token_hash`` is still ``record["token_hash"]``
-        (compare and set).  Returns False, writing
+        (compare and set), and renew the markers: the current token
+        ``expired``, ``record["prev_token_hash"]`` and
+        ``record["superseded_hashes"]`` ``superseded``, each for ``ttl`` +
+        retention.  Returns False, writing
         nothing, otherwise: a revoked session is never brought back, and a
         touch racing a ``/refresh`` never undoes the rotation."""
 
@@ -71,14 +107,16 @@ class SessionStore(abc.ABC):
         live ``grace`` more seconds, index every hash in
         ``record["superseded_hashes"]`` for :meth:`lookup_superseded` as long
         as the session (forgetting those the stored record listed and this one
-        no longer does).  Only if the stored ``token_hash`` is still
+        no longer does), and mark the tokens as :meth:`save` does (the old one
+        ``superseded``: it speaks once its grace is over).  Only if the stored ``token_hash`` is still
         ``record["prev_token_hash"]``; False (writing nothing) if the session
         is gone or was rotated meanwhile."""
 
     @abc.abstractmethod
     async def delete(self, session_id: str) -> Record | None:
         """Remove a session and its token index entries (superseded ones
-        too); return it."""
+        too), marking each of its tokens ``revoked`` for retention; return
+        it.  ``None`` (marking nothing) when there is no such live session."""
 
     @abc.abstractmethod
     async def list_user(self, user_id: str) -> list[Record]:

@@ -1,5 +1,10 @@
 """Session lifecycle: creation, lookup with idle/absolute timeouts, touch,
-token rotation, revocation and listing.
+token rotation, revocation and listing, and why a token opens no session.
+
+A session is *remembered* ("remember me") or not, for good: a remembered one
+lives by the remember timeouts and keeps them (its ``idle_timeout`` is in
+its record, its absolute deadline is fixed at creation), through touches
+and ``/refresh`` alike.
 
 A token is 256 bits from :mod:`secrets`; the store only ever sees its
 SHA-256, so a dump of the store holds no usable token.  Each session also has
@@ -15,8 +20,9 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
+from gateway.errors import Conflict
 from gateway.sessions.base import Record, SessionStore
 
 log = logging.getLogger("gateway.sessions")
@@ -60,6 +66,10 @@ class Session:
     #: SessionManager.KEEP_SUPERSEDED): presenting one to /refresh again ends the session
     superseded_hashes: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    #: a "remember me" session (a persistent cookie, the remember timeouts)
+    remembered: bool = False
+    #: this session's idle timeout (0: a record older than the field, the manager's own)
+    idle_timeout: float = 0.0
 
     @classmethod
     def from_record(cls, record: Record) -> "Session":
@@ -77,6 +87,7 @@ class Session:
             "created_at": iso(self.created_at),
             "expires_at": iso(self.expires_at),
             "absolute_expires_at": iso(self.absolute_expires_at),
+            "remembered": self.remembered,
         }
 
     def listing(self, current_id: str | None) -> dict[str, Any]:
@@ -87,6 +98,7 @@ class Session:
             "created_at": iso(self.created_at),
             "last_seen_at": iso(self.last_seen_at),
             "expires_at": iso(self.expires_at),
+            "remembered": self.remembered,
             "ip": self.ip,
             "user_agent": self.user_agent,
             "current": self.id == current_id,
@@ -95,6 +107,14 @@ class Session:
 
 class SupersededToken(Exception):
     """The token was replaced by ``/refresh`` (still in its grace period)."""
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """The timeouts of one kind of session (remembered or not), in seconds."""
+
+    idle: float
+    absolute: float
 
 
 class SessionManager:
@@ -112,10 +132,17 @@ class SessionManager:
         rotation_grace: float,
         max_per_user: int = 0,
         events: EventSink | None = None,
+        remember_idle_timeout: float | None = None,
+        remember_absolute_timeout: float | None = None,
     ) -> None:
         self.store = store
+        #: the idle timeout of a session that is not remembered
         self.idle_timeout = idle_timeout
-        self.absolute_timeout = absolute_timeout
+        #: by ``remembered``: the timeouts of each kind of session
+        self.lifetimes = {
+            False: Lifetime(idle_timeout, absolute_timeout),
+            True: Lifetime(remember_idle_timeout or idle_timeout, remember_absolute_timeout or absolute_timeout),
+        }
         self.touch_interval = touch_interval
         self.rotation_grace = rotation_grace
         self.max_per_user = max_per_user
@@ -125,28 +152,46 @@ class SessionManager:
         if self._events is not None:
             await self._events(hook, **kwargs)
 
+    @property
+    def absolute_timeout(self) -> float:
+        """Seconds a session lives at most (a remembered one, if longer)."""
+        return max(lifetime.absolute for lifetime in self.lifetimes.values())
+
+    def idle_timeout_of(self, session: Session) -> float:
+        """The session's own idle timeout."""
+        return session.idle_timeout or self.lifetimes[session.remembered].idle
+
+    def idle_deadline(self, session: Session, now: float) -> float:
+        """When ``session`` goes idle if used at ``now`` (never past its absolute deadline)."""
+        return min(now + self.idle_timeout_of(session), session.absolute_expires_at)
+
     def _ttl(self, s: Session, now: float) -> float:
         return max(0.001, min(s.expires_at, s.absolute_expires_at) - now)
 
     async def create(
-        self, user_id: str, provider: str, *, ip: str = "", user_agent: str = "", data: dict[str, Any] | None = None
+        self, user_id: str, provider: str, *, ip: str = "", user_agent: str = "", data: dict[str, Any] | None = None,
+        remember: bool = False,
     ) -> tuple[str, Session]:
-        """A brand-new session (never a reused one) and its token."""
+        """A brand-new session (never a reused one) and its token; a
+        ``remember`` one lives by the remember timeouts."""
         now = time.time()
         token = new_token()
-        absolute = now + self.absolute_timeout
+        lifetime = self.lifetimes[remember]
+        absolute = now + lifetime.absolute
         session = Session(
             id="s_" + secrets.token_urlsafe(12),
             user_id=user_id,
             provider=provider,
             created_at=now,
             last_seen_at=now,
-            expires_at=min(now + self.idle_timeout, absolute),
+            expires_at=min(now + lifetime.idle, absolute),
             absolute_expires_at=absolute,
             token_hash=hash_token(token),
             ip=ip,
             user_agent=user_agent[:512],
             data=data or {},
+            remembered=remember,
+            idle_timeout=lifetime.idle,
         )
         evicted = await self.store.create(session.to_record(), self._ttl(session, now), self.max_per_user)
         await self._emit("gateway_session_created", session=session)
@@ -170,7 +215,7 @@ class SessionManager:
             return None
         if now - session.last_seen_at >= self.touch_interval:
             session.last_seen_at = now
-            session.expires_at = min(now + self.idle_timeout, session.absolute_expires_at)
+            session.expires_at = self.idle_deadline(session, now)
             if ip:
                 session.ip = ip
             if not await self.store.save(session.to_record(), self._ttl(session, now)):
@@ -179,6 +224,16 @@ class SessionManager:
                 record = await self.store.lookup(token_hash)
                 return self._valid(record, token_hash, time.time(), allow_superseded)
         return session
+
+    async def ended_reason(self, token: str) -> str:
+        """Why ``token`` opens no session, once :meth:`authenticate` said it
+        does not (the ``reason`` of the 401): ``expired``, ``revoked`` or
+        ``superseded`` while the store still recognises it
+        (``sessions.ended_retention``), else ``invalid``.  One store read,
+        on the failure path only."""
+        if not token or len(token) > 512:
+            return "invalid"
+        return await self.store.ended(hash_token(token)) or "invalid"
 
     @staticmethod
     def _valid(record: Record | None, token_hash: str, now: float, allow_superseded: bool) -> Session | None:
@@ -211,7 +266,7 @@ class SessionManager:
         session.superseded_hashes = (list(session.superseded_hashes) + [session.token_hash])[-self.KEEP_SUPERSEDED:]
         session.token_hash = hash_token(token)
         session.last_seen_at = now
-        session.expires_at = min(now + self.idle_timeout, session.absolute_expires_at)
+        session.expires_at = self.idle_deadline(session, now)
         if not await self.store.rotate(session.to_record(), self._ttl(session, now), self.rotation_grace):
             if await self.store.get(session.id) is None:
                 raise LookupError("session ended")
@@ -257,6 +312,24 @@ class SessionManager:
         session = Session.from_record(record)
         await self._emit("gateway_session_revoked", session=session, reason=reason)
         return session
+
+    async def update_data(self, session_id: str, changes: Mapping[str, Any]) -> Session | None:
+        """Set these keys of a live session's ``data``, its token and
+        deadlines kept: a compare-and-set save, read again and retried when
+        a concurrent ``/refresh`` rotated the token.  The session as saved,
+        or ``None`` when it has ended."""
+        for _ in range(3):
+            record = await self.store.get(session_id)
+            now = time.time()
+            if record is None:
+                return None
+            session = Session.from_record(record)
+            if now >= session.expires_at or now >= session.absolute_expires_at:
+                return None
+            session.data = {**session.data, **changes}
+            if await self.store.save(session.to_record(), self._ttl(session, now)):
+                return session
+        raise Conflict("the session changed while its data was being saved; try again")
 
     async def list_user(self, user_id: str) -> list[Session]:
         now = time.time()

@@ -13,6 +13,12 @@ import time
 from gateway.sessions.base import Record, SessionStore
 
 
+def _hashes(record: Record) -> list[str]:
+    """Every token hash of a session: current, previous, superseded."""
+    found = [record.get("token_hash"), record.get("prev_token_hash"), *(record.get("superseded_hashes") or [])]
+    return list(dict.fromkeys(h for h in found if isinstance(h, str) and h))
+
+
 class MemorySessionStore(SessionStore):
     name = "memory"
     shared = False
@@ -20,12 +26,15 @@ class MemorySessionStore(SessionStore):
     #: every this many writes, expired entries are swept (Redis does this with TTLs)
     SWEEP_EVERY = 1000
 
-    def __init__(self) -> None:
+    def __init__(self, *, retention: float = 86400.0) -> None:
+        self.retention = retention
         self._sessions: dict[str, tuple[Record, float]] = {}
         self._tokens: dict[str, tuple[str, float]] = {}
         #: hash of a token /refresh replaced -> (session id, deadline)
         self._superseded: dict[str, tuple[str, float]] = {}
         self._users: dict[str, dict[str, float]] = {}
+        #: token hash -> (reason, deadline): how its session ended (or will)
+        self._ended: dict[str, tuple[str, float]] = {}
         self._writes = 0
 
     def _count_write(self) -> None:
@@ -42,6 +51,20 @@ class MemorySessionStore(SessionStore):
             self._tokens.pop(token_hash, None)
         for token_hash in [h for h, (_, deadline) in self._superseded.items() if deadline <= now]:
             self._superseded.pop(token_hash, None)
+        for token_hash in [h for h, (_, deadline) in self._ended.items() if deadline <= now]:
+            self._ended.pop(token_hash, None)
+
+    def _mark(self, hashes: list[str], reason: str, ttl: float) -> None:
+        if self.retention > 0:
+            deadline = time.time() + ttl
+            for h in hashes:
+                self._ended[h] = (reason, deadline)
+
+    def _mark_live(self, record: Record, ttl: float) -> None:
+        """The markers of a live session's tokens (see the store contract)."""
+        current = record["token_hash"]
+        self._mark([current], "expired", ttl + self.retention)
+        self._mark([h for h in _hashes(record) if h != current], "superseded", ttl + self.retention)
 
     def _live_session(self, session_id: str) -> Record | None:
         item = self._sessions.get(session_id)
@@ -74,6 +97,7 @@ class MemorySessionStore(SessionStore):
         self._sessions[record["id"]] = (copy.deepcopy(record), deadline)
         self._tokens[record["token_hash"]] = (record["id"], deadline)
         self._users.setdefault(record["user_id"], {})[record["id"]] = record["created_at"]
+        self._mark_live(record, ttl)
         evicted: list[Record] = []
         if max_per_user > 0:
             live = await self.list_user(record["user_id"])
@@ -107,6 +131,16 @@ class MemorySessionStore(SessionStore):
             return None
         return copy.deepcopy(record)
 
+    async def ended(self, token_hash: str) -> str | None:
+        item = self._ended.get(token_hash)
+        if item is None:
+            return None
+        reason, deadline = item
+        if deadline <= time.time():
+            self._ended.pop(token_hash, None)
+            return None
+        return reason
+
     async def get(self, session_id: str) -> Record | None:
         record = self._live_session(session_id)
         return copy.deepcopy(record) if record is not None else None
@@ -127,6 +161,7 @@ class MemorySessionStore(SessionStore):
         for h in current.get("superseded_hashes") or []:
             if h not in keep and self._superseded.get(h, ("",))[0] == record["id"]:
                 self._superseded.pop(h, None)
+        self._mark_live(record, ttl)
         return True
 
     async def rotate(self, record: Record, ttl: float, grace: float) -> bool:
@@ -145,6 +180,7 @@ class MemorySessionStore(SessionStore):
         if record is None:
             return None
         self._drop(record)
+        self._mark(_hashes(record), "revoked", self.retention)
         return copy.deepcopy(record)
 
     async def list_user(self, user_id: str) -> list[Record]:

@@ -3,8 +3,10 @@
 Keys (``gw:`` prefix): ``s:<id>`` the session JSON, ``t:<sha256 of token>``
 the session id, ``r:<sha256 of a superseded token>`` the session id (for
 refresh-token reuse detection; as long-lived as the session), ``u:<user id>``
-a sorted set of the user's session ids by creation time.  Every key carries
-a TTL.  (:mod:`gateway.state.redis` keeps counters and shared values on the
+a sorted set of the user's session ids by creation time, ``e:<sha256 of
+token>`` the marker saying how that token's session ended or will end
+(``expired``, ``revoked``, ``superseded``; see :mod:`gateway.sessions.base`).
+Every key carries a TTL.  (:mod:`gateway.state.redis` keeps counters and shared values on the
 same Redis, through this store's client, under ``c:`` and ``v:``.)
 Operations that touch several keys run as Lua scripts, so they are atomic and
 cost one round trip.
@@ -34,10 +36,25 @@ from gateway.sessions.base import Record, SessionStore
 log = logging.getLogger("gateway.sessions")
 PREFIX = "gw:"
 
-_CREATE = """
+# Marks every token of a decoded session record ``revoked`` for ``ms``
+# milliseconds (nothing when ``ms`` is 0); prepended to the scripts that end sessions.
+_REVOKE_MARKS = """
+local function revoke_marks(p, rec, ms)
+  if tonumber(ms) <= 0 then return end
+  if type(rec.token_hash) == 'string' then redis.call('SET', p..'e:'..rec.token_hash, 'revoked', 'PX', ms) end
+  if type(rec.prev_token_hash) == 'string' then redis.call('SET', p..'e:'..rec.prev_token_hash, 'revoked', 'PX', ms) end
+  if type(rec.superseded_hashes) == 'table' then
+    for _, h in ipairs(rec.superseded_hashes) do redis.call('SET', p..'e:'..h, 'revoked', 'PX', ms) end
+  end
+end
+"""
+
+_CREATE = _REVOKE_MARKS + """
 local p = ARGV[5]
 redis.call('SET', p..'s:'..ARGV[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', p..'t:'..ARGV[6], ARGV[1], 'PX', ARGV[3])
+-- ARGV[9]: the session's TTL plus the retention; ARGV[10]: the retention (0: no markers)
+if tonumber(ARGV[10]) > 0 then redis.call('SET', p..'e:'..ARGV[6], 'expired', 'PX', ARGV[9]) end
 local ukey = p..'u:'..ARGV[7]
 redis.call('ZADD', ukey, ARGV[8], ARGV[1])
 if redis.call('PTTL', ukey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', ukey, ARGV[3]) end
@@ -60,6 +77,7 @@ if max > 0 and #live > max then
       if type(rec.superseded_hashes) == 'table' then
         for _, h in ipairs(rec.superseded_hashes) do redis.call('DEL', p..'r:'..h) end
       end
+      revoke_marks(p, rec, ARGV[10])
       table.insert(evicted, raw)
     end
   end
@@ -97,6 +115,17 @@ if type(old.superseded_hashes) == 'table' then
   end
 end
 redis.call('SET', p..'t:'..ARGV[5], ARGV[1], 'PX', ARGV[3])
+-- the markers: the current token expires with the session, the replaced ones
+-- were superseded (ARGV[11]: the TTL plus the retention; ARGV[12]: the retention)
+if tonumber(ARGV[12]) > 0 then
+  redis.call('SET', p..'e:'..ARGV[5], 'expired', 'PX', ARGV[11])
+  if type(rec.prev_token_hash) == 'string' and rec.prev_token_hash ~= ARGV[5] then
+    redis.call('SET', p..'e:'..rec.prev_token_hash, 'superseded', 'PX', ARGV[11])
+  end
+  for h, _ in pairs(keep) do
+    if h ~= ARGV[5] then redis.call('SET', p..'e:'..h, 'superseded', 'PX', ARGV[11]) end
+  end
+end
 -- keep the user index alive as long as this session (a touch can outlive its first TTL)
 local ukey = p..'u:'..ARGV[8]
 redis.call('ZADD', ukey, ARGV[9], ARGV[1])
@@ -111,7 +140,7 @@ end
 return 1
 """
 
-_DELETE = """
+_DELETE = _REVOKE_MARKS + """
 local p = ARGV[1]
 local raw = redis.call('GET', p..'s:'..ARGV[2])
 if not raw then return false end
@@ -123,6 +152,7 @@ if type(rec.superseded_hashes) == 'table' then
   for _, h in ipairs(rec.superseded_hashes) do redis.call('DEL', p..'r:'..h) end
 end
 if type(rec.user_id) == 'string' then redis.call('ZREM', p..'u:'..rec.user_id, ARGV[2]) end
+revoke_marks(p, rec, ARGV[3])
 return raw
 """
 
@@ -142,7 +172,8 @@ class RedisSessionStore(SessionStore):
     shared = True
 
     def __init__(self, url: str, timeout: float = 0.5, prefix: str = PREFIX, *,
-                 max_connections: int = 1000, pool_timeout: float = 1.0) -> None:
+                 max_connections: int = 1000, pool_timeout: float = 1.0, retention: float = 86400.0) -> None:
+        self.retention = retention
         self._url = url
         self._timeout = timeout
         self._max_connections = max_connections
@@ -204,7 +235,7 @@ class RedisSessionStore(SessionStore):
             "create",
             [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}", f"{p}u:{record['user_id']}"],
             [record["id"], json.dumps(record), _ms(ttl), max_per_user, p,
-             record["token_hash"], record["user_id"], record["created_at"]],
+             record["token_hash"], record["user_id"], record["created_at"], *self._marking(ttl)],
         )
         return [json.loads(r) for r in raw or []]
 
@@ -218,6 +249,20 @@ class RedisSessionStore(SessionStore):
         if record is None or token_hash not in (record.get("superseded_hashes") or []):
             return None
         return record
+
+    async def ended(self, token_hash: str) -> str | None:
+        try:
+            reason = await self.client.get(f"{self._prefix}e:{token_hash}")
+        except RedisError as exc:
+            raise store_unavailable(exc) from None
+        return str(reason) if reason else None  # (decode_responses: already text)
+
+    def _marking(self, ttl: float) -> list[int]:
+        """The scripts' marker arguments: a live token's marker TTL (the
+        session's plus the retention) and the retention (0: no markers), in ms."""
+        if self.retention <= 0:
+            return [0, 0]
+        return [_ms(ttl + self.retention), _ms(self.retention)]
 
     async def get(self, session_id: str) -> Record | None:
         try:
@@ -235,7 +280,8 @@ class RedisSessionStore(SessionStore):
             [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}", f"{p}u:{record['user_id']}"]
             + ([f"{p}t:{old}"] if old else []),
             [record["id"], json.dumps(record), _ms(ttl), p, record["token_hash"], old,
-             _ms(min(grace, ttl)) if grace else 0, record["user_id"], record["created_at"], expected],
+             _ms(min(grace, ttl)) if grace else 0, record["user_id"], record["created_at"], expected,
+             *self._marking(ttl)],
         )
         return bool(ok)
 
@@ -246,7 +292,8 @@ class RedisSessionStore(SessionStore):
         return await self._save(record, ttl, grace)
 
     async def delete(self, session_id: str) -> Record | None:
-        raw = await self._run("delete", [f"{self._prefix}s:{session_id}"], [self._prefix, session_id])
+        raw = await self._run("delete", [f"{self._prefix}s:{session_id}"],
+                              [self._prefix, session_id, _ms(self.retention) if self.retention > 0 else 0])
         return json.loads(raw) if raw else None
 
     async def list_user(self, user_id: str) -> list[Record]:

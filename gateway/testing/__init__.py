@@ -775,14 +775,19 @@ def cookie_value(response: tornado.httpclient.HTTPResponse, name: str = "gw_sess
 
 
 def assert_error(r: tornado.httpclient.HTTPResponse, status: int, code: str, *,
-                 contains: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+                 contains: str | tuple[str, ...] | None = None,
+                 fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``r`` is the gateway's JSON error: this status and code, a message for
-    people (holding one of ``contains``), no stack trace.  Returns the JSON."""
+    people (holding one of ``contains``), no stack trace, and when ``fields``
+    is given exactly these other members (a 401's ``reason``, a 429's
+    ``retry_after``).  Returns the JSON."""
     assert r.code == status, (r.code, r.body)
     assert r.headers.get("Content-Type", "").startswith("application/json"), r.headers.get("Content-Type")
     assert b"Traceback" not in r.body
     data = body(r)
-    assert isinstance(data, dict) and set(data) == {"error", "message"}, data
+    assert isinstance(data, dict) and {"error", "message"} <= set(data), data
+    if fields is not None:
+        assert {k: v for k, v in data.items() if k not in ("error", "message")} == dict(fields), data
     assert data["error"] == code, data
     assert isinstance(data["message"], str) and data["message"]
     if contains is not None:
