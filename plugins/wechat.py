@@ -461,6 +461,9 @@ class WeChatProvider(Provider):
             return isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**31
 
         update = {k: value[k] for k in fields if fits(value.get(k))}
+        if isinstance(update.get("language"), str):
+            # WeChat writes zh_CN; the profile's language is a BCP 47 tag (zh-CN)
+            update["language"] = update["language"].replace("_", "-")
         if update:
             try:
                 await self.gateway.profiles.update_profile(user_id, update)
