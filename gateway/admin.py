@@ -18,8 +18,13 @@ answers while a worker is replaced and through the whole graceful stop.
   (:class:`MetricsDir`).
 
 None of them needs a token: the listener belongs on a private address.
-``admin.token`` (``token_env``) is reserved for an operator API; without
-one that API stays off.
+
+The operator API (:mod:`gateway.operator`) is served under ``/admin/``
+(:func:`operator_routes`): every call needs ``Authorization: Bearer``
+with ``admin.token`` (``token_env``); without a configured token its paths
+answer 404.  In the supervisor of several workers it works on the
+supervisor's own clients, those the readiness probe opens
+(:class:`StoreClients`), closed around every fork like them.
 
 ``prometheus_client`` is imported only inside functions here, so that
 importing this module does not fix its mode before :class:`MetricsDir`
@@ -29,23 +34,26 @@ names the directory of the multiprocess mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import tornado.web
 
-from gateway.errors import GatewayError, error_body_for_status
+from gateway.errors import GatewayError, error_body_for_status, invalid_request
+from gateway.operator import Operator, OperatorServices, audit, check_token
 
 if TYPE_CHECKING:
+    from gateway.assertion import KeySet
     from gateway.config import Config
 
 __all__ = [
     "MULTIPROC_ENV", "PROBE_PROFILE_USER", "PROBE_SESSION_ID", "PROBE_TIMEOUT", "MetricsDir", "Probe",
-    "Readiness", "StoreClients", "local_metrics", "make_admin_app",
+    "Readiness", "StoreClients", "local_metrics", "make_admin_app", "operator_routes",
 ]
 
 log = logging.getLogger("gateway.admin")
@@ -146,60 +154,125 @@ class Readiness:
 
 
 class StoreClients:
-    """The supervisor's own clients of the configured session and profile
-    stores, for readiness only (the supervisor serves no request).  Each is
-    opened by the first probe that needs it and kept, dropped (and closed)
-    after a probe it failed so that the next one starts afresh, and all are
-    closed by :meth:`close`, which the supervisor awaits before every fork:
+    """The supervisor's own clients of the configured stores: for readiness
+    (the supervisor serves no gateway request) and the operator API.  They
+    belong to one :class:`gateway.app.Gateway` built from the configuration
+    at the first need and never started (no provider is set up: the
+    supervisor runs no provider thread).  Its session store and profile
+    store are each opened by the first probe or operator call that needs
+    them and kept, closed after a probe they failed so that the next one
+    opens them afresh, and all are closed by :meth:`close`, which the
+    supervisor awaits before every fork, between :meth:`hold` (no operator
+    call starts; those in flight end, :meth:`idle`) and :meth:`release`:
     none of their connections or threads may cross into a worker."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._stores: dict[str, Any] = {}
-        self._closing: set[asyncio.Future[None]] = set()
+        self._gateway: Any = None
+        #: name -> an opening (done: open) of that store
+        self._open: dict[str, asyncio.Future[None]] = {}
+        self._closing: dict[str, asyncio.Future[None]] = {}
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._users = 0
+        self._no_users = asyncio.Event()
+        self._no_users.set()
 
     def probes(self) -> dict[str, Probe]:
         return {"session store": self._session_store, "profile store": self._profile_store}
 
-    async def _session_store(self) -> None:
-        from gateway.sessions import open_session_store
+    def gateway(self) -> Any:
+        """The supervisor's gateway (its stores opened by :meth:`_ensure`)."""
+        if self._gateway is None:
+            from gateway.app import Gateway
 
-        await self._use("session store", lambda: open_session_store(self.config.sessions),
-                        lambda store: store.get(PROBE_SESSION_ID))
+            self._gateway = Gateway(self.config)
+        return self._gateway
+
+    def _store(self, name: str) -> Any:
+        gw = self.gateway()
+        return gw.session_store if name == "session store" else gw.profiles
+
+    async def _session_store(self) -> None:
+        await self._use("session store", lambda store: store.get(PROBE_SESSION_ID))
 
     async def _profile_store(self) -> None:
-        from gateway.profiles import open_profile_store
+        await self._use("profile store", lambda store: store.get_user(PROBE_PROFILE_USER))
 
-        await self._use("profile store", lambda: open_profile_store(self.config.profiles),
-                        lambda store: store.get_user(PROBE_PROFILE_USER))
+    async def _ensure(self, name: str) -> Any:
+        """The store ``name``, open."""
+        store = self._store(name)
+        closing = self._closing.get(name)
+        if closing is not None:
+            await asyncio.shield(closing)
+        opening = self._open.get(name)
+        if opening is None:
+            opening = self._open[name] = asyncio.ensure_future(self._opened(name, store))
+        await asyncio.shield(opening)
+        return store
 
-    async def _use(self, name: str, make: Callable[[], Any], read: Callable[[Any], Awaitable[object]]) -> None:
-        store = self._stores.get(name)
+    async def _opened(self, name: str, store: Any) -> None:
         try:
-            if store is None:
-                store = make()
-                await store.open()
-                self._stores[name] = store
-            await read(store)
-        except BaseException:  # a failure, or the probe's timeout: this client is done with
-            self._stores.pop(name, None)
-            if store is not None:
-                closing = asyncio.ensure_future(self._close(name, store))
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
+            await store.open()
+            if name == "session store":
+                await self.gateway().state.open()  # (on Redis, the session store's client)
+        except BaseException:
+            self._drop(name)
             raise
+
+    async def _use(self, name: str, read: Callable[[Any], Awaitable[object]]) -> None:
+        try:
+            await read(await self._ensure(name))
+        except BaseException:  # a failure, or the probe's timeout: this client is done with
+            self._drop(name)
+            raise
+
+    def _drop(self, name: str) -> None:
+        """Close the store ``name`` (in the background), to be opened afresh."""
+        if self._open.pop(name, None) is None or name in self._closing:
+            return
+        closing = self._closing[name] = asyncio.ensure_future(self._close(name, self._store(name)))
+        closing.add_done_callback(lambda _: self._closing.pop(name, None))
 
     @staticmethod
     async def _close(name: str, store: Any) -> None:
         try:
             await store.close()
         except Exception as exc:
-            log.warning("readiness: closing the %s client failed: %s", name, _why(exc))
+            log.warning("admin listener: closing the %s client failed: %s", name, _why(exc))
+
+    @contextlib.asynccontextmanager
+    async def using(self) -> AsyncIterator[OperatorServices]:
+        """The gateway for one operator call, its stores open."""
+        await self._gate.wait()
+        self._users += 1
+        self._no_users.clear()
+        try:
+            await self._ensure("session store")
+            await self._ensure("profile store")
+            yield self.gateway()
+        finally:
+            self._users -= 1
+            if not self._users:
+                self._no_users.set()
+
+    def hold(self) -> None:
+        """Start no operator call until :meth:`release`."""
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    async def idle(self) -> None:
+        """Return once no operator call is in flight."""
+        await self._no_users.wait()
 
     async def close(self) -> None:
         """Close every client (and wait for those being closed)."""
-        stores, self._stores = list(self._stores.items()), {}
-        await asyncio.gather(*(self._close(name, store) for name, store in stores), *self._closing)
+        names = list(self._open)
+        for name in names:
+            self._drop(name)
+        await asyncio.gather(*self._closing.values())
 
 
 # -- metrics ------------------------------------------------------------------------------
@@ -309,6 +382,149 @@ class MetricsHandler(_AdminHandler):
     head = get
 
 
+# -- the operator API ----------------------------------------------------------------------
+
+
+class OperatorHandler(_AdminHandler):
+    """A call of the operator API: the token first (:func:`gateway.operator.check_token`),
+    errors as JSON (:mod:`gateway.errors`), and one audit event per call."""
+
+    #: the audit event's name, per method
+    events: dict[str, str] = {}
+    #: the audit event's fields naming what the call is about: the path's arguments
+    targets: tuple[str, ...] = ()
+
+    def initialize(self, readiness: Readiness, metrics: Metrics, operator: Operator | None = None,
+                   token: str = "") -> None:
+        super().initialize(readiness, metrics)
+        assert operator is not None
+        self.operator = operator
+        self.token = token
+        self.token_id = ""
+
+    def prepare(self) -> None:
+        self.token_id = check_token(self.token, self.request.headers.get("Authorization"))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GatewayError):
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+            self.answer(exc.status, exc.body())
+            if exc.status >= 500 and exc.detail:
+                log.warning("operator API: %s", exc.detail)
+        else:
+            super().write_error(status_code, **kwargs)
+
+    def on_finish(self) -> None:
+        if not self.token:  # the API is off: nobody called it
+            return
+        event = self.events.get(self.request.method or "", "admin.refused")
+        target = dict(zip(self.targets, self.path_args))
+        for name in ("identity", "user"):
+            if name not in self.targets and self.get_query_arguments(name):
+                target[name] = ",".join(self.get_query_arguments(name))
+        audit(event, operator=self.token_id or "none", status=self.get_status(), **target)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, GatewayError):
+            return  # answered as JSON; audited
+        super().log_exception(typ, value, tb)
+
+
+class UserSessionsHandler(OperatorHandler):
+    """``GET``/``DELETE /admin/users/{id}/sessions``."""
+
+    events = {"GET": "admin.sessions.list", "DELETE": "admin.sessions.revoke_user"}
+    targets = ("user_id",)
+
+    async def get(self, user_id: str) -> None:
+        self.answer(200, await self.operator.user_sessions(user_id))
+
+    async def delete(self, user_id: str) -> None:
+        self.answer(200, await self.operator.revoke_user_sessions(user_id))
+
+
+class SessionHandler(OperatorHandler):
+    """``DELETE /admin/sessions/{id}``."""
+
+    events = {"DELETE": "admin.sessions.revoke"}
+    targets = ("session_id",)
+
+    async def delete(self, session_id: str) -> None:
+        self.answer(200, await self.operator.revoke_session(session_id))
+
+
+class LockoutHandler(OperatorHandler):
+    """``DELETE /admin/lockouts/{provider}/{subject}``."""
+
+    events = {"DELETE": "admin.lockouts.unlock"}
+    targets = ("provider", "subject")
+
+    async def delete(self, provider: str, subject: str) -> None:
+        self.answer(200, await self.operator.unlock(provider, subject))
+
+
+class UserHandler(OperatorHandler):
+    """``GET /admin/users/{id}``."""
+
+    events = {"GET": "admin.users.get"}
+    targets = ("user_id",)
+
+    async def get(self, user_id: str) -> None:
+        self.answer(200, await self.operator.user(user_id))
+
+
+class UsersHandler(OperatorHandler):
+    """``GET /admin/users?identity=provider:subject``."""
+
+    events = {"GET": "admin.users.find"}
+
+    async def get(self) -> None:
+        identity = self.get_query_argument("identity", "")
+        if not identity:
+            raise invalid_request("identity: required (provider:subject)")
+        self.answer(200, await self.operator.find_user(identity))
+
+
+class PresenceHandler(OperatorHandler):
+    """``GET /admin/presence?user=ID&user=ID...``."""
+
+    events = {"GET": "admin.presence"}
+
+    async def get(self) -> None:
+        users = self.get_query_arguments("user")
+        self.answer(200, await self.operator.presence(users))
+
+
+class OnlineHandler(OperatorHandler):
+    """``GET /admin/presence/online?limit=...&cursor=...``."""
+
+    events = {"GET": "admin.presence.online"}
+
+    async def get(self) -> None:
+        raw = self.get_query_argument("limit", "")
+        try:
+            limit = int(raw) if raw else None
+        except ValueError:
+            raise invalid_request("limit: expected a whole number") from None
+        self.answer(200, await self.operator.online(limit, self.get_query_argument("cursor", "") or None))
+
+
+def operator_routes(operator: Operator, token: str, kwargs: Mapping[str, Any]) -> list[Any]:
+    """The operator API's routes (see :mod:`gateway.operator`)."""
+    args = {**kwargs, "operator": operator, "token": token}
+    return [
+        (r"/admin/users/([^/]+)/sessions", UserSessionsHandler, args),
+        (r"/admin/users/([^/]+)", UserHandler, args),
+        (r"/admin/users", UsersHandler, args),
+        (r"/admin/sessions/([^/]+)", SessionHandler, args),
+        (r"/admin/lockouts/([^/]+)/(.+)", LockoutHandler, args),
+        (r"/admin/presence/online", OnlineHandler, args),
+        (r"/admin/presence", PresenceHandler, args),
+    ]
+
+
 class AdminNotFound(_AdminHandler):
     def prepare(self) -> None:
         raise tornado.web.HTTPError(404)
@@ -321,12 +537,23 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
               1000.0 * handler.request.request_time())
 
 
-def make_admin_app(readiness: Readiness, metrics: Metrics) -> tornado.web.Application:
-    """The admin listener's application."""
+def _jwks_handler() -> type[tornado.web.RequestHandler]:
+    from gateway.handlers.jwks import AdminJWKSHandler  # (the gateway's handlers, only when needed)
+
+    return AdminJWKSHandler
+
+
+def make_admin_app(readiness: Readiness, metrics: Metrics, *, operator: Operator | None = None,
+                   token: str = "", jwks: KeySet | None = None) -> tornado.web.Application:
+    """The admin listener's application; with ``operator``, the operator
+    API too (on with a ``token``: ``admin.token``); with ``jwks``, the
+    assertion keys at ``/.well-known/jwks.json`` (:mod:`gateway.handlers.jwks`)."""
     kwargs = {"readiness": readiness, "metrics": metrics}
     return tornado.web.Application(
         [(r"/healthz", HealthHandler, kwargs), (r"/readyz", ReadyHandler, kwargs),
-         (r"/metrics", MetricsHandler, kwargs)],
+         (r"/metrics", MetricsHandler, kwargs)]
+        + ([(r"/\.well-known/jwks\.json", _jwks_handler(), {"keys": jwks})] if jwks is not None else [])
+        + (operator_routes(operator, token, kwargs) if operator is not None else []),
         default_handler_class=AdminNotFound, default_handler_args=kwargs, log_function=_log_request,
         compress_response=False,
     )

@@ -394,6 +394,14 @@ class Services(Protocol):
         """A route pattern under ``server.auth_prefix`` (parts may be regexes)."""
         ...
 
+    def audit(self, event: str, **fields: Any) -> None:
+        """Record ``event`` in the audit log (``[logging] audit``; a no-op
+        while it is off): one JSON line with the time, the event, the
+        request's ``request_id`` and ``ip`` when called while serving one,
+        and ``fields`` (JSON values, never a secret), e.g.
+        ``gateway.audit("password_changed", user_id=...)``.  Never raises."""
+        ...
+
 
 class Request(Protocol):
     """The request a provider's :meth:`Provider.login` or :class:`Endpoint`
@@ -471,9 +479,18 @@ class Endpoint:
 
 @dataclass
 class CommandContext:
-    """What a :class:`Command` runs with: the opened profile store."""
+    """What a :class:`Command` runs with: the opened profile store, and
+    the audit log (:meth:`audit`)."""
 
     profiles: Profiles
+    #: what :meth:`audit` hands each event to (the gateway's audit log)
+    auditor: Callable[..., None] | None = None
+
+    def audit(self, event: str, **fields: Any) -> None:
+        """Record ``event`` in the audit log, as :meth:`Services.audit`
+        does (``"invitation_sent"``, say); a no-op while it is off."""
+        if self.auditor is not None:
+            self.auditor(event, **fields)
 
 
 @dataclass(frozen=True)
@@ -639,6 +656,16 @@ class Provider:
     def endpoints(self) -> list[Endpoint]:
         """Extra endpoints under ``{auth_prefix}/<name>/``."""
         return []
+
+    async def unlock(self, subject: str) -> bool:
+        """Lift every lockout this provider keeps for ``subject`` (its own
+        subject: a username, say), for an operator
+        (``DELETE /admin/lockouts/<name>/<subject>``, ``gateway unlock
+        <name>:<subject>``).  Return False when this provider keeps no
+        lockouts (the default: nothing to unlock), True once those of
+        ``subject``, if any, are lifted.  The keys of the shared state that
+        hold them are the provider's own: only it knows them."""
+        return False
 
 
 def _bearer_value(header: str) -> str:

@@ -16,9 +16,10 @@ from typing import Any, Callable
 import pluggy
 import tornado.httputil
 
-from gateway import __version__, metrics
-from gateway.api import Principal, Provider, RouteView
+from gateway import __version__, audit, metrics
+from gateway.api import LOGIN_ANSWER, Principal, Provider, RouteView
 from gateway.config import Config
+from gateway.assertion import Signer
 from gateway.consent import Consent
 from gateway.crypto import Sealer, parse_key
 from gateway.errors import GatewayError
@@ -33,6 +34,7 @@ from gateway.plugins import (
     plugin_names,
 )
 from gateway.preferences import Preferences
+from gateway.ratelimit import RateLimiter
 from gateway.profiles import ProfileStore, open_profile_store
 from gateway.proxy.policy import Credentials, canonical
 from gateway.proxy.upstream import UpstreamClient
@@ -65,6 +67,8 @@ class Gateway:
         self.reserved_headers = frozenset(canonical(h) for o in offered for h in o.cls.reserved_headers) \
             | frozenset(canonical(h) for h in config.profiles.upstream_headers)  # the gateway's own profile headers
         self.routes = RouteTable([Route.from_config(r) for r in config.routes])
+        #: signs X-Gateway-Assertion and publishes its keys (each key parsed once, here)
+        self.assertions = Signer.from_config(config.assertion)
         self.session_store = open_session_store(config.sessions)
         #: counters, values with a TTL and locks shared by every process
         self.state: SharedState = open_shared_state(config.sessions, self.session_store)
@@ -97,6 +101,8 @@ class Gateway:
         if problems:
             raise ConfigError(problems)
         self.providers: dict[str, Provider] = {name: p for name, p in built.items() if p.enabled}
+        #: the [[rate_limits]] (or the default on logins), matched to routes and endpoints once
+        self.rate_limits = self._rate_limiter()
         #: providers that authenticate requests themselves, in name order
         self._authenticators = [p for _, p in sorted(self.providers.items())
                                 if type(p).authenticate is not Provider.authenticate]
@@ -134,6 +140,22 @@ class Gateway:
         await self.state.close()
         await self.session_store.close()
         await self.profiles.close()
+
+    def _rate_limiter(self) -> RateLimiter:
+        auth = self.config.server.auth_prefix.rstrip("/")
+        endpoints: list[str] = []
+        logins: list[str] = []
+        for provider in self.providers.values():
+            if provider.login_route:
+                endpoints.append(f"{auth}/{provider.name}/login")
+                logins.append(endpoints[-1])
+            for endpoint in provider.endpoints():
+                endpoints.append(f"{auth}/{provider.name}/{endpoint.path}")
+                if endpoint.response_schema is not None and dict(endpoint.response_schema) == dict(LOGIN_ANSWER):
+                    logins.append(endpoints[-1])  # answers with a fresh session (a registration)
+        return RateLimiter.build(self.state, self.config.rate_limits, auth_prefix=auth,
+                                 route_prefixes=[r.prefix for r in self.config.routes],
+                                 endpoints=endpoints, login_paths=logins)
 
     @property
     def upstream_client(self) -> UpstreamClient:
@@ -198,4 +220,13 @@ class Gateway:
         never undoes what happened."""
         session = kwargs.get("session")
         metrics.session_event(hook, provider=getattr(session, "provider", None), reason=kwargs.get("reason"))
+        if hook == "gateway_session_revoked" and session is not None:
+            reason = kwargs.get("reason")
+            audit.record("session_revoked", user_id=session.user_id, session_id=session.id,
+                         provider=session.provider, reason=reason,
+                         by=audit.actor() or ("gateway" if reason == "max_per_user" else "user"))
         await notify_hook(self.pm, hook, gateway=self, **kwargs)
+
+    def audit(self, event: str, **fields: Any) -> None:
+        """An audit log line (:func:`gateway.audit.record`): what plugins call."""
+        audit.record(event, **fields)

@@ -1,4 +1,5 @@
-"""The ``gateway`` command: ``serve``, ``check-config`` and the plugins' subcommands.
+"""The ``gateway`` command: ``serve``, ``check-config``, the operator's
+``sessions`` and ``unlock``, and the plugins' subcommands.
 
 Argument parsing and configuration checks; serving itself (sockets,
 workers, the event loop, signals, the graceful stop) is :mod:`gateway.server`."""
@@ -15,13 +16,21 @@ from typing import Sequence
 import pluggy
 
 from gateway.api import Command, CommandContext, add_config_option
-from gateway.config import Config, read_config
+from gateway.config import Config, LoggingConfig, read_config
 from gateway.errors import GatewayError
+from gateway import audit, logs
 from gateway.logs import install_redaction
 from gateway.options import ConfigError
 from gateway.plugins import PluginError, build_time_hook, get_plugin_manager, provider_classes
 
 log = logging.getLogger("gateway")
+
+
+def configure_logging(settings: LoggingConfig) -> None:
+    """``[logging]``: the format of the root handlers, and the audit log
+    (reopened on SIGUSR1); ``OSError`` when its file cannot be opened."""
+    logs.configure(settings)
+    audit.configure(settings.audit)
 
 
 def check(config: Config, pm: pluggy.PluginManager | None = None) -> list[str]:
@@ -101,6 +110,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"config error: {problem}", file=sys.stderr)
         return 2
+    try:
+        configure_logging(config.logging)  # [logging]: the format, the audit log, SIGUSR1
+    except OSError as exc:
+        log.error("cannot open the audit log %s: %s", config.logging.audit, exc.strerror or exc)
+        return 1
     sandboxes = SandboxThread(provider_sandboxes(config) if args.demo else [])
     try:
         sandboxes.start()
@@ -139,11 +153,17 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
             print(f"config error: {problem}", file=sys.stderr)
         return 2
 
+    try:
+        configure_logging(config.logging)
+    except OSError as exc:
+        print(f"error: cannot open the audit log {config.logging.audit}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
     async def run() -> int:
         store = open_profile_store(config.profiles)
         try:
             await store.open()
-            return await command.run(args, CommandContext(profiles=store))
+            return await command.run(args, CommandContext(profiles=store, auditor=audit.record))
         except GatewayError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             if exc.detail:
@@ -153,6 +173,96 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
             await store.close()
 
     return asyncio.run(run())
+
+
+# -- the operator's subcommands: the gateway's stores open, no server ---------------------
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    """``gateway sessions list|revoke`` and ``gateway unlock``: the
+    operator API's calls (:mod:`gateway.operator`) on a gateway built from
+    the configuration and started (its stores open, its providers set up),
+    serving nothing; the answer is printed as JSON.  Exit 2 on a bad
+    configuration, 1 when a store is unavailable or the call is refused
+    (an unknown user, say)."""
+    import json
+
+    from gateway.app import Gateway
+    from gateway.operator import Operator, audit, parse_identity
+
+    try:
+        config, problems = read_config(args.config)
+    except ConfigError as exc:
+        config, problems = None, exc.problems
+    if problems or config is None:
+        for problem in problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        configure_logging(config.logging)  # the audit log among them
+    except OSError as exc:
+        print(f"error: cannot open the audit log {config.logging.audit}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+    async def run() -> int:
+        try:
+            gw = Gateway(config)
+        except (ConfigError, PluginError) as exc:
+            for problem in getattr(exc, "problems", [str(exc)]):
+                print(f"config error: {problem}", file=sys.stderr)
+            return 2
+        operator = Operator.of(gw)
+        event, target = "", {}
+        try:
+            await gw.start()
+            if args.command == "unlock":
+                provider, subject = parse_identity(args.identity)
+                event, target = "admin.lockouts.unlock", {"provider": provider, "subject": subject}
+                answer = await operator.unlock(provider, subject)
+            elif args.session:
+                event, target = "admin.sessions.revoke", {"session_id": args.session}
+                answer = await operator.revoke_session(args.session)
+            elif args.action == "list":
+                event, target = "admin.sessions.list", {"user_id": args.user}
+                answer = await operator.user_sessions(args.user)
+            else:
+                event, target = "admin.sessions.revoke_user", {"user_id": args.user}
+                answer = await operator.revoke_user_sessions(args.user)
+        except GatewayError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            if exc.detail:
+                log.error("%s", exc.detail)
+            if event:
+                audit(event, operator="cli", status=exc.status, **target)
+            return 1
+        finally:
+            await gw.stop()
+        audit(event, operator="cli", status=200, **target)
+        print(json.dumps(answer, indent=2))
+        return 0
+
+    return asyncio.run(run())
+
+
+def _operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sessions = sub.add_parser("sessions", help="list or end a user's sessions (as the operator API does)")
+    sessions.add_argument("action", choices=("list", "revoke"))
+    who = sessions.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="the user id: list their live sessions, or end every one (reason operator)")
+    who.add_argument("--session", help="revoke: this one session (reason operator)")
+    config_option(sessions)
+    sessions.set_defaults(func=_sessions)
+    unlock = sub.add_parser("unlock", help="lift a provider's lockouts of a subject (PROVIDER:SUBJECT)")
+    unlock.add_argument("identity", metavar="PROVIDER:SUBJECT")
+    config_option(unlock)
+    unlock.set_defaults(func=cmd_operator)
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    if args.action == "list" and args.session:
+        print("error: gateway sessions list takes --user", file=sys.stderr)
+        return 2
+    return cmd_operator(args)
 
 
 def config_option(parser: argparse.ArgumentParser) -> None:
@@ -217,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_parser = sub.add_parser("check-config", help="validate a configuration file; exit 2 listing every problem")
     config_option(check_parser)
     check_parser.set_defaults(func=cmd_check_config)
+    _operator_commands(sub)
     pm = _plugin_manager(known.config)
     prefixes: list[str] = []
     if pm is not None:
@@ -228,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for problem in exc.problems:
                 print(f"warning: plugin commands are unavailable: {problem}", file=sys.stderr)
         for command in commands:
-            if not isinstance(command, Command) or command.name in ("serve", "check-config"):
+            if not isinstance(command, Command) or command.name in ("serve", "check-config", "sessions", "unlock"):
                 continue
             command_parser = sub.add_parser(command.name, help=command.help)
             command.configure(command_parser)

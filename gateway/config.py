@@ -68,9 +68,10 @@ if TYPE_CHECKING:
 __all__ = [
     # declared here
     "Config", "PluginsConfig", "ProfilesConfig", "RouteConfig", "ServerConfig", "SessionsConfig",
-    "PLUGINS", "PROFILES", "ROUTE", "SECTIONS", "SERVER", "SESSIONS", "ADMIN", "AdminConfig",
+    "PLUGINS", "PROFILES", "ROUTE", "SECTIONS", "SERVER", "SESSIONS", "ADMIN", "AdminConfig", "LOGGING", "LoggingConfig",
     "BUILTIN_PROFILE_FIELDS", "CONSENT", "CONSENT_DOCUMENT", "ConsentConfig", "ConsentDocumentConfig",
-    "NAMED_TABLES", "PROFILE_FIELD", "ProfileFieldConfig",
+    "NAMED_TABLES", "PROFILE_FIELD", "ProfileFieldConfig", "RATE_LIMIT", "RateLimitConfig",
+    "ASSERTION", "ASSERTION_KEY", "AssertionConfig", "AssertionKeyConfig",
     "describe_options", "load_config", "option", "options_of", "read_config",
     # from gateway.options, for modules that import them from here
     "BOOL", "DURATION", "INT", "MAX_DURATION", "NONNEG_INT", "POSITIVE_DURATION", "SCOPE", "SIZE", "STR",
@@ -220,7 +221,8 @@ class AdminConfig:
 
     host: str = option(STR, "127.0.0.1", "address of the admin listener (/healthz, /readyz, /metrics, which need no token): keep it private")
     port: int = option(_port, 9091, "port of the admin listener; 0 = no admin listener (one for all workers: the supervisor's)")
-    token: str = option(_admin_token, "", "bearer token of the operator API to come (at least 16 characters), best given as token_env; without one that API stays off", secret=True)
+    token: str = option(_admin_token, "", "bearer token of the operator API under /admin/ (at least 16 characters), best given as token_env; without one that API answers 404", secret=True)
+    presence_window: float = option(POSITIVE_DURATION, "2m", "the operator API's presence: a user is online while a live session of theirs was used within this window (never less than sessions.touch_interval + 3s, the precision of last_seen_at) or holds an open WebSocket")
     drain_delay: float = option(DURATION, "0s", "on SIGTERM, how long /readyz answers 503 while the gateway still accepts requests, before the drain begins (give a load balancer time to notice)")
 
     def check(self, server: ServerConfig) -> list[str]:
@@ -297,7 +299,7 @@ _PROXY_HEADERS = frozenset({
     "x-user-id", "x-auth-provider", "x-session-id", "x-auth-scopes", "x-consent", "x-request-id", "host",
     "expect", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "proxy-connection", "cookie", "authorization",
-    "content-length", "content-type", "forwarded",
+    "content-length", "content-type", "forwarded", "x-gateway-assertion",
 })
 
 
@@ -505,6 +507,31 @@ class PluginsConfig:
     disabled: tuple[str, ...] = option(_str_list, [], "names of installed plugins not to load")
 
 
+def _audit_target(value: Any) -> str:
+    if not isinstance(value, str) or (value.strip() != value) or "\x00" in value:
+        raise ValueError('expected "" (off), "stdout" or a file path')
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """``[logging]``: the format of the log lines, the access log, the audit log."""
+
+    format: str = option(_choice("text", "json"), "text", "text (one readable line per record) or json (one JSON object per line)")
+    access_log: bool = option(BOOL, True, "log one line per request (gateway.access)")
+    audit: str = option(_audit_target, "", "the audit log (JSON lines: logins, logouts, sessions revoked, credentials changed): \"\" (off), \"stdout\" or a file path (appended to by every worker; reopened on SIGUSR1)")
+
+    def check(self) -> list[str]:
+        """An audit file whose directory does not exist (read only, nothing made)."""
+        if self.audit and self.audit != "stdout":
+            where = os.path.dirname(os.path.abspath(self.audit))
+            if not os.path.isdir(where):
+                return [f"logging.audit: the directory {where} does not exist"]
+            if os.path.isdir(self.audit):
+                return [f"logging.audit: {self.audit} is a directory; give a file path"]
+        return []
+
+
 @dataclass(frozen=True, kw_only=True)
 class ConsentConfig:
     """``[consent]``: the documents users accept."""
@@ -513,6 +540,84 @@ class ConsentConfig:
         _named_tables("consent.documents", ConsentDocumentConfig, CONSENT_DOCUMENT, _DOCUMENT_NAME,
                       "not a document name (lowercase letters, digits, - or _)"),
         {}, "the documents users accept: `[consent.documents.<name>]` tables (below), in the order front ends list them")
+
+
+#: a key id (``kid``) of ``[[assertion.keys]]``
+_KID = re.compile(r"^[A-Za-z0-9._~\-]{1,64}$")
+#: the longest lifetime of an assertion: it only has to cross to the upstream
+MAX_ASSERTION_LIFETIME = 60.0
+
+
+def _lifetime(value: Any) -> float:
+    seconds = parse_duration(value)
+    if not 1 <= seconds <= MAX_ASSERTION_LIFETIME:
+        raise ValueError(f"must be between 1s and {MAX_ASSERTION_LIFETIME:g}s (an assertion only crosses to the upstream)")
+    return seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssertionKeyConfig:
+    """One ``[[assertion.keys]]`` table: a key that signs assertions."""
+
+    kid: str = option(_pattern(_KID, "a key id (letters, digits, . _ ~ -; at most 64)"), None,
+                      "the key's id: the `kid` of the tokens it signs and of its entry in the JWKS", required=True)
+    algorithm: str = option(_choice("ES256", "EdDSA", "RS256"), "ES256",
+                            "ES256 (an EC P-256 key), EdDSA (Ed25519) or RS256 (RSA, at least 2048 bits)")
+    private_key: str = option(STR, None, "the private key, PEM (`-----BEGIN PRIVATE KEY-----`, unencrypted), "
+                              "best given as private_key_env; never logged", secret=True, required=True)
+
+    def check(self, where: str) -> list[str]:
+        """The key's problems (naming ``where`` and the key by its kid, never quoting it)."""
+        from gateway.assertion import load_private_key
+
+        try:
+            load_private_key(self.private_key, self.algorithm)
+        except ValueError as exc:
+            return [f"{where}.private_key: key {self.kid!r}: {exc}"]
+        return []
+
+
+ASSERTION_KEY = options_of(AssertionKeyConfig)
+
+
+def _read_keys(where: str, raw: Any, problems: list[str], environ: Mapping[str, str]) -> tuple[AssertionKeyConfig, ...]:
+    """The ``[[assertion.keys]]`` tables of ``raw``, each checked (problems
+    name ``where[i].key``); a table missing its kid or key is left out."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        problems.append(f"{where}: expected an array of tables ([[assertion.keys]])")
+        return ()
+    keys: list[AssertionKeyConfig] = []
+    for i, table in enumerate(raw):
+        values = validate_table(f"{where}[{i}]", ASSERTION_KEY, table, problems, environ).as_dict()
+        if values["kid"] is None or values["private_key"] is None:
+            continue  # reported
+        key = AssertionKeyConfig(**values)
+        if any(k.kid == key.kid for k in keys):
+            problems.append(f"{where}[{i}].kid: {key.kid!r} names another key too")
+        problems.extend(key.check(f"{where}[{i}]"))
+        keys.append(key)
+    return tuple(keys)
+
+
+def _assertion_keys(value: Any) -> tuple[AssertionKeyConfig, ...]:
+    """The checker of ``[assertion] keys``: the keys given in the file
+    itself.  It raises nothing, so that no problem quotes a value that may
+    hold a key: :func:`read_config` reads the tables again with the
+    environment (``private_key_env``), reporting each problem under its key."""
+    return _read_keys("keys", value, [], {})
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssertionConfig:
+    """``[assertion]``: the signed identity (``X-Gateway-Assertion``) sent
+    upstream on routes with ``assertion = true``."""
+
+    issuer: str = option(STR, "", "the assertions' `iss`; empty: the gateway's own origin as the client addressed it (`https://gateway.example.com`); set it so that upstreams check one fixed value")
+    lifetime: float = option(_lifetime, "30s", "how long an assertion is valid (`exp` - `iat`, whole seconds), at most 60s")
+    keys: tuple[AssertionKeyConfig, ...] = option(_assertion_keys, [], "the signing keys, `[[assertion.keys]]` tables (below): the first signs, all are published at `{auth_prefix}/.well-known/jwks.json` (rotation: put the new key first, remove the old one once no token it signed is alive)")
+
+
+ASSERTION = options_of(AssertionConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -535,11 +640,15 @@ class RouteConfig:
     scopes: tuple[str, ...] = option(_scopes, [], "scopes a caller authenticated by a plugin (an API key) must all hold (403 otherwise)")
     allow_sessions: bool = option(BOOL, True, "whether session users (who hold no scopes) may use this route")
     require_consent: tuple[str, ...] = option(_names(_DOCUMENT_NAME, "a consent document name"), [], "names of `[consent.documents.<name>]` a caller (a session user, an API key's owner) must have accepted in their current version (403 consent_required otherwise)")
+    assertion: bool = option(BOOL, False, "send a signed X-Gateway-Assertion (a JWT of the caller's identity, `[assertion]`) with every authenticated request; needs `[[assertion.keys]]`")
+    audience: str = option(STR, "", "the assertion's `aud`; empty: the route's prefix")
 
-    def check(self, where: str, server: ServerConfig, consent: ConsentConfig | None = None) -> list[str]:
+    def check(self, where: str, server: ServerConfig, consent: ConsentConfig | None = None,
+              assertion: AssertionConfig | None = None) -> list[str]:
         """The problems of combinations that cannot work, naming ``where.key``
         (a prefix shared by two routes is the caller's to find; the
-        documents of ``require_consent`` are checked when ``consent`` is given)."""
+        documents of ``require_consent`` are checked when ``consent`` is given,
+        a signing key for ``assertion`` when ``assertion`` is)."""
         problems: list[str] = []
         auth_prefix = server.auth_prefix.rstrip("/")
         if self.prefix and (self.prefix.rstrip("/") == auth_prefix or self.prefix.startswith(auth_prefix + "/")):
@@ -554,6 +663,49 @@ class RouteConfig:
         if unknown:
             problems.append(f"{where}.require_consent: {', '.join(map(repr, unknown))} "
                             f"{'is not a document' if len(unknown) == 1 else 'are not documents'} of [consent.documents]")
+        if self.auth == "public" and self.assertion:
+            problems.append(f"{where}.assertion: a public route authenticates no one, so it has no identity to assert")
+        if self.audience and not self.assertion:
+            problems.append(f"{where}.audience: is the audience of an assertion; set assertion = true too")
+        if self.assertion and assertion is not None and not assertion.keys:
+            problems.append(f"{where}.assertion: no key to sign with; configure [[assertion.keys]]")
+        return problems
+
+
+_LIMIT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+def _whole_seconds(value: Any) -> float:
+    seconds = at_least(POSITIVE_DURATION, 1)(value)
+    if seconds != int(seconds):
+        raise ValueError("expected a whole number of seconds")
+    return seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimitConfig:
+    """One ``[[rate_limits]]`` table: ``limit`` requests per ``window``,
+    counted per ``key``, on the routes or the gateway endpoint ``match`` names.
+    Given at all, the tables replace the default limit on logins;
+    ``rate_limits = []`` turns every limit off."""
+
+    name: str = option(_pattern(_LIMIT_NAME, "a limit name (a lowercase letter, then lowercase letters, digits or _; at most 40)"),
+                       None, "the limit's name, in the RateLimit headers and the gateway_rate_limited_total metric", required=True)
+    match: str = option(_prefix, None, "what it limits: a route prefix (every [[routes]] whose prefix begins with it, \"/api/\"), or the path of one of the gateway's own endpoints (\"/auth/password/login\")", required=True)
+    key: str = option(_choice("ip", "user", "credential", "session"), "ip", "what is counted: ip (the client address; an IPv6 client by its /64), user, credential (a caller a provider authenticated without a session, such as an API key: by provider, user and credential) or session; a request without such a caller is not counted")
+    limit: int = option(at_least(INT, 1), None, "requests allowed per window (a burst of that many at once, then one every window / limit)", required=True)
+    window: float = option(_whole_seconds, None, "the window, in whole seconds (\"1m\")", required=True)
+    on_store_error: str | None = option(_choice("deny", "allow"), None, "when the shared state cannot be reached: deny (503 unavailable) or allow (served uncounted); default deny on the gateway's own endpoints, allow on routes")
+
+    def check(self, where: str, server: ServerConfig, routes: tuple[RouteConfig, ...]) -> list[str]:
+        """The problems of combinations that cannot work, naming ``where.key``
+        (whether an endpoint path exists is known once providers are built)."""
+        problems: list[str] = []
+        auth_prefix = server.auth_prefix.rstrip("/")
+        if self.match and not (self.match.rstrip("/") == auth_prefix or self.match.startswith(auth_prefix + "/")):
+            if not any(r.prefix.startswith(self.match) for r in routes):
+                problems.append(f"{where}.match: {self.match!r} begins no [[routes]] prefix "
+                                f"and is not under server.auth_prefix")
         return problems
 
 
@@ -563,7 +715,9 @@ SESSIONS = options_of(SessionsConfig)
 PROFILES = options_of(ProfilesConfig)
 PLUGINS = options_of(PluginsConfig)
 CONSENT = options_of(ConsentConfig)
+LOGGING = options_of(LoggingConfig)
 ROUTE = options_of(RouteConfig)
+RATE_LIMIT = options_of(RateLimitConfig)
 
 SECTIONS: dict[str, list[Option]] = {
     "server": SERVER,
@@ -572,6 +726,8 @@ SECTIONS: dict[str, list[Option]] = {
     "plugins": PLUGINS,
     "consent": CONSENT,
     "admin": ADMIN,
+    "assertion": ASSERTION,
+    "logging": LOGGING,
 }
 
 #: the tables of named tables within a section: section -> key -> (their
@@ -600,7 +756,11 @@ class Config:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     consent: ConsentConfig = field(default_factory=ConsentConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    assertion: AssertionConfig = field(default_factory=AssertionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     routes: tuple[RouteConfig, ...] = ()
+    #: the ``[[rate_limits]]`` tables; ``None`` when the file has none (the default limit on logins applies)
+    rate_limits: tuple[RateLimitConfig, ...] | None = None
     #: the raw ``[providers.<name>]`` tables, validated against each provider's options when the gateway is built
     providers: Mapping[str, Any] = field(default_factory=dict)
     path: str | None = None
@@ -636,7 +796,8 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 def _read_routes(raw_routes: Any, server: ServerConfig, problems: list[str],
-                 environ: Mapping[str, str], consent: ConsentConfig | None = None) -> tuple[RouteConfig, ...]:
+                 environ: Mapping[str, str], consent: ConsentConfig | None = None,
+                 assertion: AssertionConfig | None = None) -> tuple[RouteConfig, ...]:
     if not isinstance(raw_routes, list):
         problems.append("routes: expected an array of tables ([[routes]])")
         return ()
@@ -654,10 +815,32 @@ def _read_routes(raw_routes: Any, server: ServerConfig, problems: list[str],
             seen.add(prefix)
         # A route missing its prefix or upstream is still checked (with "" standing in), not kept.
         route = RouteConfig(**{**values, "prefix": prefix or "", "upstream": upstream or ""})
-        problems.extend(route.check(where, server, consent))
+        problems.extend(route.check(where, server, consent, assertion))
         if prefix is not None and upstream is not None:
             routes.append(route)
     return tuple(routes)
+
+
+def _read_rate_limits(raw_limits: Any, server: ServerConfig, routes: tuple[RouteConfig, ...],
+                      problems: list[str], environ: Mapping[str, str]) -> tuple[RateLimitConfig, ...]:
+    if not isinstance(raw_limits, list):
+        problems.append("rate_limits: expected an array of tables ([[rate_limits]])")
+        return ()
+    limits: list[RateLimitConfig] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_limits):
+        where = f"rate_limits[{i}]"
+        values = validate_table(where, RATE_LIMIT, raw, problems, environ).as_dict()
+        if values["name"] is not None:
+            if values["name"] in seen:
+                problems.append(f"{where}.name: {values['name']!r} is used by another limit")
+            seen.add(values["name"])
+        if any(values[k] is None for k in ("name", "match", "limit", "window")):
+            continue  # a missing key was reported
+        limit = RateLimitConfig(**values)
+        problems.extend(limit.check(where, server, routes))
+        limits.append(limit)
+    return tuple(limits)
 
 
 def read_config(
@@ -672,7 +855,7 @@ def read_config(
     problems: list[str] = []
     if data is None:
         data = {} if path is None else _read_file(path)
-    allowed = set(SECTIONS) | {"routes", "providers"}
+    allowed = set(SECTIONS) | {"routes", "rate_limits", "providers"}
     for key in data:
         if key not in allowed:
             problems.append(f"{key}: unknown section")
@@ -682,12 +865,19 @@ def read_config(
     plugins = _validated(PluginsConfig, "plugins", PLUGINS, data.get("plugins", {}), problems, env)
     consent = _validated(ConsentConfig, "consent", CONSENT, data.get("consent", {}), problems, env)
     admin = _validated(AdminConfig, "admin", ADMIN, data.get("admin", {}), problems, env)
+    assertion = _validated(AssertionConfig, "assertion", ASSERTION, data.get("assertion", {}), problems, env)
+    raw_assertion = data.get("assertion")
+    if isinstance(raw_assertion, dict) and "keys" in raw_assertion:  # again, with the environment
+        assertion = replace(assertion, keys=_read_keys("assertion.keys", raw_assertion["keys"], problems, env))
+    logs = _validated(LoggingConfig, "logging", LOGGING, data.get("logging", {}), problems, env)
     for section, named in NAMED_TABLES.items():  # their own problems, each under its key
         raw_section = data.get(section)
         for key, (options, build, name, what) in named.items():
             if isinstance(raw_section, dict) and isinstance(raw_section.get(key), dict):
                 _read_named(f"{section}.{key}", build, options, raw_section[key], name, what, problems)
-    routes = _read_routes(data.get("routes", []), server, problems, env, consent)
+    routes = _read_routes(data.get("routes", []), server, problems, env, consent, assertion)
+    rate_limits = None if "rate_limits" not in data else \
+        _read_rate_limits(data["rate_limits"], server, routes, problems, env)
     providers = data.get("providers", {})
     if not isinstance(providers, dict):
         problems.append("providers: expected a table of [providers.<name>] tables")
@@ -695,8 +885,9 @@ def read_config(
     problems.extend(sessions.check(server))
     problems.extend(profiles.check())
     problems.extend(admin.check(server))
-    config = Config(server=server, sessions=sessions, profiles=profiles, plugins=plugins, consent=consent, admin=admin, routes=routes,
-                    providers=providers, path=path, environ=env)
+    problems.extend(logs.check())
+    config = Config(server=server, sessions=sessions, profiles=profiles, plugins=plugins, consent=consent, admin=admin, assertion=assertion, logging=logs, routes=routes,
+                    rate_limits=rate_limits, providers=providers, path=path, environ=env)
     return config, problems
 
 
@@ -707,5 +898,8 @@ def describe_options() -> dict[str, str]:
         tables[f"[{name}]"] = reference_table(opts)
         for key, (named, *_) in NAMED_TABLES.get(name, {}).items():
             tables[f"[{name}.{key}.<name>]"] = reference_table(named)
+        if name == "assertion":
+            tables["[[assertion.keys]]"] = reference_table(ASSERTION_KEY)
     tables["[[routes]]"] = reference_table(ROUTE)
+    tables["[[rate_limits]]"] = reference_table(RATE_LIMIT)
     return tables

@@ -1,15 +1,27 @@
-"""Logging: keep secrets out of every log line, ours and Tornado's.
+"""Logging: keep secrets out of every log line, ours and Tornado's; the
+formats of ``[logging]``.
 
 Tornado logs some malformed requests with the offending header value, which
 may hold a session token; an upstream URL may carry a password.  The filter
 here rewrites such records before any handler sees them.
+
+``format = "text"`` writes ``<time> <LEVEL> <logger>: <message>`` lines;
+``"json"`` one JSON object per line (``time``, ``level``, ``logger``,
+``message``, ``exception``; an access line's fields instead of its
+message: see :func:`gateway.web.log_request`).  :func:`configure` applies
+it to the root handlers of ``gateway serve``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from typing import Iterable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from gateway.config import LoggingConfig
 
 _PATTERNS = [
     (re.compile(r"gws_[A-Za-z0-9_\-]+"), "gws_[redacted]"),  # session tokens
@@ -71,3 +83,41 @@ def install_redaction(*handlers: logging.Handler, prefixes: Iterable[str] = (),
     for handler in handlers:
         if _FILTER not in handler.filters:
             handler.addFilter(_FILTER)
+
+
+#: the ``extra`` key under which an access record carries its fields
+ACCESS_FIELDS = "access_fields"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def rfc3339(seconds: float) -> str:
+    """``2026-01-31T12:00:00.123Z``: RFC 3339, UTC, milliseconds."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
+        f"{int(seconds * 1000) % 1000:03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"time": rfc3339(record.created), "level": record.levelname, "logger": record.name}
+        fields = getattr(record, ACCESS_FIELDS, None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        else:
+            out["message"] = redact(record.getMessage())
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(self.formatException(record.exc_info))
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def configure(settings: "LoggingConfig") -> None:
+    """Apply ``[logging] format`` to the root logger's handlers (the
+    redaction filter stays on each); the audit log is
+    :func:`gateway.audit.configure`'s."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setFormatter(JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT))
+    install_redaction(*root.handlers)

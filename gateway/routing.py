@@ -32,6 +32,10 @@ class Route:
     websocket: bool = False
     websocket_max_message_size: int = 1 << 20
     websocket_ping_interval: float = 30.0
+    #: send a signed ``X-Gateway-Assertion`` (:mod:`gateway.assertion`)
+    assertion: bool = False
+    #: the assertion's ``aud`` (the prefix unless configured)
+    audience: str = ""
 
     @classmethod
     def from_config(cls, config: RouteConfig) -> Route:
@@ -52,6 +56,8 @@ class Route:
             websocket=config.websocket,
             websocket_max_message_size=config.websocket_max_message_size,
             websocket_ping_interval=config.websocket_ping_interval,
+            assertion=config.assertion,
+            audience=config.audience or config.prefix,
         )
 
 

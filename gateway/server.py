@@ -62,8 +62,11 @@ from gateway.admin import (
     local_metrics,
     make_admin_app,
 )
+from gateway import audit
+from gateway.assertion import KeySet
 from gateway.config import Config
 from gateway.errors import GatewayError
+from gateway.operator import Operator
 from gateway.options import ConfigError
 
 log = logging.getLogger("gateway.server")
@@ -442,6 +445,8 @@ class SupervisorAdmin:
         self.metrics = metrics
         self.drain_delay = config.admin.drain_delay
         self.clients = StoreClients(config)
+        self.token = config.admin.token
+        self.jwks = KeySet.from_config(config.assertion)
         self.readiness = Readiness(self.clients.probes(), others=self._workers)
         self.listening: Callable[[], int] = lambda: 0
         self.server: AdminServer | None = None
@@ -452,16 +457,21 @@ class SupervisorAdmin:
     def start(self, listening: Callable[[], int]) -> None:
         """Serve, on the running event loop; ``listening()``: how many workers listen."""
         self.listening = listening
-        self.server = AdminServer(self.sockets, make_admin_app(self.readiness, self.metrics.collect))
+        self.server = AdminServer(self.sockets, make_admin_app(
+            self.readiness, self.metrics.collect, operator=Operator(self.clients.using), token=self.token,
+            jwks=self.jwks))
 
     async def before_fork(self) -> None:
         """No probe in flight or to come, no store client open (until :meth:`after_fork`)."""
         self.readiness.hold()
+        self.clients.hold()  # nor an operator call
         await self.readiness.idle()
+        await self.clients.idle()
         await self.clients.close()
 
     def after_fork(self) -> None:
         self.readiness.release()
+        self.clients.release()
 
     def in_child(self) -> None:
         if self.server is not None:
@@ -482,7 +492,7 @@ class SupervisorAdmin:
 # -- worker processes ------------------------------------------------------------------
 
 #: signals blocked around a fork, until the child has handlers of its own
-_FORK_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_FORK_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1}
 #: before a fork, how long threads the supervisor started may take to end
 _THREADS_GRACE = 2.0
 
@@ -530,6 +540,7 @@ class _Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         loop.run_until_complete(self._start())
         while True:
             loop.run_until_complete(self._next())
@@ -610,6 +621,14 @@ class _Supervisor:
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (a log rotation): reopen the audit file here and in
+        every worker."""
+        audit.reopen()
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
 
     def kill(self) -> None:
         for pid in list(self.children):
@@ -718,6 +737,9 @@ class _Supervisor:
             self.admin.in_child()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+        # Closing the loop left SIGUSR1 at its default (exit): until the
+        # worker's loop handles it, it reopens the audit file before its next line.
+        signal.signal(signal.SIGUSR1, audit.reopen_on_signal)
         gc.freeze()
 
 
@@ -838,7 +860,9 @@ async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: s
         stores = gw
         readiness = Readiness({"session store": lambda: stores.session_store.get(PROBE_SESSION_ID),
                                "profile store": lambda: stores.profiles.get_user(PROBE_PROFILE_USER)})
-        admin = AdminServer(list(admin_sockets), make_admin_app(readiness, local_metrics))
+        admin = AdminServer(list(admin_sockets), make_admin_app(readiness, local_metrics, operator=Operator.of(gw),
+                                                                token=config.admin.token,
+                                                                jwks=gw.assertions.published))
     demo = None
     if demo_upstream:
         from tornado.netutil import bind_sockets
@@ -860,6 +884,7 @@ async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: s
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, audit.reopen)  # a log rotation
     await stop.wait()
 
     # Readiness turns 503 first and, for admin.drain_delay (cut short by a

@@ -341,6 +341,8 @@ async def cmd_create(args: argparse.Namespace, ctx: CommandContext) -> int:
     except Conflict:  # 64 random bits collided: vanishingly rare, and nothing was stored
         print("error: a key with this id exists; run the command again", file=sys.stderr)
         return 1
+    ctx.audit("apikey_created", by="operator", key_id=record.id, user_id=record.user_id, name=record.name,
+              scopes=record.scopes, expires_at=_when(record.expires_at, "never"))
     print(f"key:     {key}")
     print("         (shown only this once: store it now; the gateway keeps only its hash)")
     print(f"id:      {record.id}")
@@ -378,6 +380,7 @@ async def cmd_revoke(args: argparse.Namespace, ctx: CommandContext) -> int:
         shown = repr(key_id) if len(key_id) <= 64 and key_id.isprintable() else "given"
         print(f"error: no API key with id {shown}", file=sys.stderr)
         return 1
+    ctx.audit("apikey_revoked", by="operator", key_id=record.id, user_id=record.user_id, name=record.name)
     print(f"revoked: {record.id} ({record.name}) at {_when(record.revoked_at)}")
     return 0
 

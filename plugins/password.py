@@ -16,6 +16,11 @@ client within ``lockout_window`` that client gets 429 ``locked_out`` with
 from all clients together lock the username for everyone, so no single
 client can lock someone else out.  A login turned away because the hashing
 threads are busy (429 ``rate_limited``) is not an attempt and counts nowhere.
+An operator lifts a username's lockouts with :meth:`PasswordProvider.unlock`:
+the username-wide counter is cleared, and an unlock time is kept for
+``lockout_window`` so that each client's counter started before it is
+cleared at that client's next attempt (read only when the counter says
+locked: no cost on other logins).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import hashlib
 import ipaddress
 import secrets
+import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, TypeVar
@@ -180,6 +186,29 @@ class PasswordProvider(Provider):
         """The counter of one client's failures for a username."""
         return "pwfail-client:" + hashlib.sha256(f"{username}\0{client_key(ip)}".encode()).hexdigest()[:32]
 
+    def _unlock_key(self, username: str) -> str:
+        """The shared value holding when an operator last unlocked the username."""
+        return "pwunlock:" + hashlib.sha256(username.encode()).hexdigest()[:32]
+
+    async def unlock(self, subject: str) -> bool:
+        """Lift the lockouts of a username: the username-wide counter now,
+        every client's at its next attempt (see the module docstring)."""
+        username = normalise_username(subject)
+        store, window = self.gateway.state, self.settings.lockout_window
+        await store.set_value(self._unlock_key(username), repr(time.time()), window)
+        await store.clear(self._counter(username))
+        return True
+
+    async def _unlocked_since_counted(self, username: str, left: float) -> bool:
+        """Whether an unlock came after the start of a client counter's
+        window (``left``: the seconds that window still runs)."""
+        raw = await self.gateway.state.get_value(self._unlock_key(username))
+        try:
+            unlocked = float(raw) if raw else 0.0
+        except ValueError:
+            return False
+        return bool(unlocked >= time.time() + left - self.settings.lockout_window)
+
     async def _count_attempt(self, username: str, ip: str) -> None:
         """Count this attempt *before* verifying (atomic increments), so
         concurrent guesses cannot all pass a check made before any of them
@@ -188,6 +217,9 @@ class PasswordProvider(Provider):
         the username-wide lock, so one client cannot lock the username for all."""
         store, window = self.gateway.state, self.settings.lockout_window
         count, left = await store.hit(self._client_counter(username, ip), window)
+        if count > self.settings.max_failures and await self._unlocked_since_counted(username, left):
+            await store.clear(self._client_counter(username, ip))  # counted before an operator's unlock
+            count, left = await store.hit(self._client_counter(username, ip), window)
         if count > self.settings.max_failures:
             raise too_many("locked_out", "too many failed attempts for this username; try again later", left)
         count, left = await store.hit(self._counter(username), window)
@@ -279,8 +311,11 @@ class PasswordProvider(Provider):
         await self.verify_credentials(username, old, request.client_ip)
         # Other sessions go first: should the store then fail, no session
         # opened with the old password survives a change the user asked for.
-        await self.gateway.sessions.revoke_user(principal.user_id, "password_changed", keep=principal.session_id)
+        ended = await self.gateway.sessions.revoke_user(principal.user_id, "password_changed",
+                                                        keep=principal.session_id)
         await self.gateway.profiles.update_identity_data(self.name, username, {"hash": await self._hash(new)})
+        self.gateway.audit("password_changed", provider=self.name, user_id=principal.user_id,
+                           session_id=principal.session_id, sessions_ended=len(ended))
 
     def endpoints(self) -> list[Endpoint]:
         new_password = _password_schema(self.settings.min_length)

@@ -16,8 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Fast hashing in tests: the cost parameters are configuration, not behaviour.
 FAST_ARGON2 = {"time_cost": 1, "memory_cost": 64, "parallelism": 1}
 
-#: merged under every configuration the tests start a gateway with
-GATEWAY_DEFAULTS: dict[str, Any] = {"providers": {"password": FAST_ARGON2}}
+#: merged under every configuration the tests start a gateway with: fast
+#: hashing, and no default login rate limit (tests log in far more often than
+#: 20 times a minute from one address; tests/test_rate_limits.py sees the real
+#: default)
+GATEWAY_DEFAULTS: dict[str, Any] = {"providers": {"password": FAST_ARGON2}, "rate_limits": []}
 
 
 class PasswordClient(testing.Client):

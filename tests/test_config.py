@@ -305,7 +305,8 @@ def test_the_options_module_imports_only_the_standard_library():
 def test_the_reference_tables_come_from_the_dataclasses():
     tables = describe_options()
     assert list(tables) == ["[server]", "[sessions]", "[profiles]", "[profiles.fields.<name>]", "[plugins]",
-                            "[consent]", "[consent.documents.<name>]", "[admin]", "[[routes]]"]
+                            "[consent]", "[consent.documents.<name>]", "[admin]", "[assertion]",
+                            "[[assertion.keys]]", "[logging]", "[[routes]]", "[[rate_limits]]"]
     assert "| `port` | `8080` | port to listen on |" in tables["[server]"]
     assert "| `redis_url` | `\"redis://127.0.0.1:6379/0\"` | Redis URL (redis://, rediss://, unix://) (or `redis_url_env`) |" \
         in tables["[sessions]"]

@@ -262,7 +262,7 @@ class LiveGateway:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     # wrong old passwords sent to /password/change must not lock the fuzzer's account
     lockout = {"max_failures": 1_000_000, "max_failures_per_username": 1_000_000}
-    with LiveGateway(tmp_path_factory.mktemp("live"), providers={"password": lockout}) as running:
+    with LiveGateway(tmp_path_factory.mktemp("live"), providers={"password": lockout}, rate_limits=[]) as running:
         yield running
 
 

@@ -134,6 +134,35 @@ async def test_counters_and_values_are_apart(state: SharedState) -> None:
     assert await state.get_value("k") == "v"
 
 
+@pytest.mark.gen_test
+async def test_take_allows_a_burst_of_limit_then_refuses(state: SharedState) -> None:
+    taken = [await state.take("k", 3, 60) for _ in range(3)]
+    assert [(allowed, remaining) for allowed, remaining, _ in taken] == [(True, 2), (True, 1), (True, 0)]
+    assert all(0 < reset <= 60 for _, _, reset in taken)
+    assert 40 < taken[-1][2] <= 60  # the whole quota is back once the burst has drained
+    allowed, remaining, retry = await state.take("k", 3, 60)
+    assert (allowed, remaining) == (False, 0)
+    assert 10 < retry <= 20  # one request back every window / limit
+    assert (await state.take("k", 3, 60))[0] is False  # a refusal takes nothing, and frees nothing
+    assert await state.take("other", 3, 60) == (True, 2, pytest.approx(20, abs=5))  # buckets are per key
+    assert (await state.peek("k"))[0] == 0  # apart from hit()'s counters
+
+
+@pytest.mark.gen_test
+async def test_take_gives_back_one_request_per_interval(state: SharedState) -> None:
+    assert [(await state.take("k", 2, 1))[0] for _ in range(3)] == [True, True, False]
+    await asyncio.sleep(0.6)  # 1 s / 2: one request back
+    allowed, remaining, _ = await state.take("k", 2, 1)
+    assert allowed and remaining == 0
+
+
+@pytest.mark.gen_test
+async def test_take_is_atomic_under_concurrent_callers(state: SharedState) -> None:
+    results = await asyncio.gather(*(state.take("k", 5, 60) for _ in range(20)))
+    assert [allowed for allowed, _, _ in results].count(True) == 5
+    assert sorted(remaining for allowed, remaining, _ in results if allowed) == [0, 1, 2, 3, 4]
+
+
 # -- the memory backend ------------------------------------------------------
 
 
@@ -178,6 +207,11 @@ async def test_two_processes_share_counters_values_and_locks(redis_url: str) -> 
         assert await other.delete_value("lock", expected="not-the-owner") is False
         assert await other.delete_value("lock", expected=owner) is True
         assert await a.get_value("lock") is None
+
+        assert (await a.take("rl:ip", 3, 60))[:2] == (True, 2)
+        assert (await b.take("rl:ip", 3, 60))[:2] == (True, 1)
+        assert (await a.take("rl:ip", 3, 60))[:2] == (True, 0)
+        assert (await b.take("rl:ip", 3, 60))[0] is False
     finally:
         await closed(a_store, a)
         await closed(b_store, b)
@@ -195,6 +229,8 @@ async def test_redis_keys_are_those_the_session_store_used(redis_url: str, redis
         await state.set_value("k", "v", 20)
         assert redis_server.command("GET", "gw:v:k").split("\r\n")[1] == "v"
         assert 15_000 < int(redis_server.command("PTTL", "gw:v:k").strip().lstrip(":")) <= 20_000
+        await state.take("k", 4, 20)  # a bucket under gw:r:, expiring once full again (20 s / 4 later)
+        assert 4_000 < int(redis_server.command("PTTL", "gw:r:k").strip().lstrip(":")) <= 5_000
 
         redis_server.command("SET", "gw:c:old", "3", "PX", "20000")  # as an earlier version left them
         redis_server.command("SET", "gw:v:old", "cached", "PX", "20000")
@@ -245,6 +281,7 @@ async def test_redis_down_is_store_unavailable_within_a_second(tmp_path: Path) -
         server.stop()
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "hit": lambda: state.hit("k", 60),
+            "take": lambda: state.take("k", 5, 60),
             "peek": lambda: state.peek("k"),
             "clear": lambda: state.clear("k"),
             "get_value": lambda: state.get_value("k"),
@@ -265,6 +302,7 @@ async def test_redis_down_is_store_unavailable_within_a_second(tmp_path: Path) -
 
         server.start()  # back on the same port, without the scripts it had loaded
         assert (await state.hit("k", 60))[0] == 1
+        assert (await state.take("k", 5, 60))[0] is True
         assert await state.add_value("lock", "me", 60) is True
         assert await state.delete_value("lock", expected="me") is True
     finally:

@@ -19,12 +19,13 @@ from typing import Any, ClassVar, Mapping
 
 import tornado.web
 
-from gateway import metrics
+from gateway import audit, metrics
 from gateway.api import Endpoint, LoginResult, Principal, Provider
 from gateway.app import Gateway
 from gateway.errors import GatewayError, not_found, unauthenticated
 from gateway.handlers.base import BaseHandler
 from gateway.handlers.consent import ConsentHandler, ConsentItemHandler, login_consent
+from gateway.handlers.jwks import JWKSHandler
 from gateway.handlers.openapi import OpenAPIHandler
 from gateway.handlers.profile import ProfileHandler
 from gateway.openapi import Operation, Published, endpoint_operation, login_operation, ref
@@ -64,6 +65,13 @@ class AuthHandler(BaseHandler):
             remember=self.remember(),
         )
         self.set_cookie_for(token, session)
+        # The request is now the new session's (the access line names it).
+        self._principal = Principal(user_id=result.user.id, provider=provider, session=session)
+        self._principal_resolved = True
+        if result.created:
+            audit.record("registration", provider=provider, user_id=result.user.id)
+        audit.record("login", provider=provider, user_id=result.user.id, session_id=session.id,
+                     created=result.created, remembered=session.remembered)
         consent = await login_consent(self, result.user.id, session.id)  # the body's "accept"; consent_required
         self.write_json(
             {
@@ -91,7 +99,10 @@ class LoginHandler(AuthHandler):
         try:
             await self._login()
         except Exception as exc:  # counted by the refusal's error code
-            metrics.login(self.provider.name, exc.code if isinstance(exc, GatewayError) else "internal")
+            code = exc.code if isinstance(exc, GatewayError) else "internal"
+            metrics.login(self.provider.name, code)
+            audit.record("login_failed", provider=self.provider.name, error=code,
+                         reason=exc.fields.get("reason") if isinstance(exc, GatewayError) else None)
             raise
         metrics.login(self.provider.name, "ok")
 
@@ -174,6 +185,7 @@ class RefreshHandler(AuthHandler):
             raise unauthenticated("this token was already refreshed; use the newer token",
                                   reason="superseded") from None
         self.set_cookie_for(token, session)  # the same kind of session, the same kind of cookie
+        audit.record("refresh", user_id=session.user_id, session_id=session.id, provider=session.provider)
         self.write_json({"token": token, "token_type": "Bearer", "expires_at": session.public()["expires_at"],
                          "session": session.public()})
 
@@ -190,7 +202,9 @@ class RefreshHandler(AuthHandler):
             token, presented_at=arrived, race_window=self.gateway.config.sessions.refresh_race_window)
         if reused is not None:
             self.check_csrf()  # a cross-site page must not end a session either
-            await self.gateway.sessions.end_reused(reused)
+            audit.record("refresh_reused", user_id=reused.user_id, session_id=reused.id, provider=reused.provider)
+            with audit.acting("gateway"):
+                await self.gateway.sessions.end_reused(reused)
             if self._token_source == "cookie":
                 self.clear_session_cookie()
             raise unauthenticated("this token was already refreshed and was presented again, "
@@ -205,6 +219,8 @@ class LogoutHandler(AuthHandler):
         principal = await self.require_session()
         assert principal.session is not None
         await self.gateway.sessions.revoke(principal.session.id, "logout")
+        audit.record("logout", user_id=principal.user_id, session_id=principal.session.id,
+                     provider=principal.provider)
         self.clear_session_cookie()
         self.set_status(204)
         self.finish()
@@ -216,7 +232,9 @@ class LogoutAllHandler(AuthHandler):
 
     async def post(self) -> None:
         principal = await self.require_session(allow_superseded=False)
-        await self.gateway.sessions.revoke_user(principal.user_id, "logout_all")
+        ended = await self.gateway.sessions.revoke_user(principal.user_id, "logout_all")
+        audit.record("logout_all", user_id=principal.user_id, session_id=principal.session_id,
+                     provider=principal.provider, sessions_ended=len(ended))
         self.clear_session_cookie()
         self.set_status(204)
         self.finish()
@@ -296,6 +314,7 @@ def routes(gateway: Gateway) -> list[tuple[Any, ...]]:
         (p("consent", r"([a-z0-9][a-z0-9_\-]{0,31})"), ConsentItemHandler, {"consent": gateway.consent}),
         (p("profile"), ProfileHandler, {"preferences": gateway.preferences}),
         (p(re.escape("openapi.json")), OpenAPIHandler, {"published": Published()}),
+        (p(re.escape(".well-known"), re.escape("jwks.json")), JWKSHandler, {"keys": gateway.assertions.published}),
     ]
     return out
 

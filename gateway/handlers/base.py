@@ -16,14 +16,16 @@ from functools import cached_property
 from typing import Any, Awaitable, Sequence, cast
 from urllib.parse import urlsplit
 
+import tornado.escape
 import tornado.web
 from tornado.concurrent import Future
 
 from gateway.api import Principal
 from gateway.app import Gateway
-from gateway import metrics
+from gateway import audit, metrics
 from gateway.errors import GatewayError, StoreUnavailable, error_body_for_status, invalid_request, unauthenticated
 from gateway.plugins import plugin_failure
+from gateway.ratelimit import RateLimited
 from gateway.sessions.manager import Session, SupersededToken
 
 log = logging.getLogger("gateway.app")
@@ -68,11 +70,28 @@ class BaseHandler(tornado.web.RequestHandler):
         close)."""
         self.gateway.requests_in_flight += 1
         self._in_flight = True
+        # In the request's own task: audit lines recorded while it is served name it.
+        audit.bind_request(lambda: {"request_id": self.request_id, "ip": self.client_ip})
 
+    #: the RateLimit headers of this request's limits (set by gateway.ratelimit)
+    rate_limit_headers: dict[str, str] | None = None
     #: the response head went out (set by :meth:`flush`, which finish() calls)
     head_sent = False
     #: finish() was called
     response_finished = False
+    #: bytes of response body written (for the access log)
+    bytes_sent = 0
+    #: the error this response renders (set by :meth:`write_error`), for the access log
+    rendered_error: GatewayError | None = None
+
+    def write(self, chunk: str | bytes | dict[str, Any]) -> None:
+        super().write(chunk)
+        if isinstance(chunk, bytes):
+            self.bytes_sent += len(chunk)
+        elif isinstance(chunk, str):
+            self.bytes_sent += len(chunk.encode("utf-8"))
+        else:  # as Tornado encodes a dict
+            self.bytes_sent += len(tornado.escape.json_encode(chunk).replace("</", "<\\/").encode("utf-8"))
 
     def flush(self, include_footers: bool = False) -> "Future[None]":
         if not self.head_sent:
@@ -106,6 +125,10 @@ class BaseHandler(tornado.web.RequestHandler):
         # Leave room past the limit so that data_received, not the connection,
         # notices an oversized chunked body and answers with a JSON 413.
         self.request.connection.set_max_body_size(2 * limit + 65536)  # type: ignore[union-attr]
+        limits = self.gateway.rate_limits.for_path(self.request.path)
+        if limits and self.request.method in self.allowed_methods():  # (a 405 or a preflight is not counted)
+            # before the endpoint works (a login, a registration, a refresh)
+            await self.gateway.rate_limits.check(self, limits, resolve=self.principal_for_limits)
 
     def on_finish(self) -> None:
         self._not_in_flight()
@@ -206,8 +229,12 @@ class BaseHandler(tornado.web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if status_code == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
+        for name, value in (self.rate_limit_headers or {}).items():  # what the request's limits said, kept
+            self.set_header(name, value)
         if isinstance(exc, GatewayError):
-            metrics.error_rendered(exc.status, exc.code, exc.store if isinstance(exc, StoreUnavailable) else None)
+            metrics.error_rendered(exc.status, exc.limit if isinstance(exc, RateLimited) else exc.code,
+                                   exc.store if isinstance(exc, StoreUnavailable) else None)
+            self.rendered_error = exc
             body = exc.body()
             for name, value in exc.headers.items():
                 self.set_header(name, value)
@@ -218,6 +245,8 @@ class BaseHandler(tornado.web.RequestHandler):
             body = error_body_for_status(status_code, exc.reason if exc.reason else None)
         else:
             body = error_body_for_status(status_code, "an internal error occurred" if status_code >= 500 else None)
+        if not isinstance(exc, GatewayError):
+            self.rendered_error = GatewayError(body["error"], body["message"], status=status_code)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
         if self.request.method != "HEAD":
@@ -244,7 +273,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if origin:
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Access-Control-Allow-Credentials", "true")
-            self.set_header("Access-Control-Expose-Headers", "Retry-After, WWW-Authenticate, X-Request-Id")
+            self.set_header("Access-Control-Expose-Headers",
+                            "Retry-After, WWW-Authenticate, X-Request-Id, RateLimit, RateLimit-Policy")
         self.set_header("Vary", "Origin")
 
     def allowed_origin(self) -> str | None:
@@ -256,7 +286,10 @@ class BaseHandler(tornado.web.RequestHandler):
         """A CORS preflight: allowed (with credentials) for an origin in
         ``allowed_origins``, 403 for any other."""
         if self.allowed_origin() is None:
-            raise GatewayError("forbidden", "this origin is not allowed to call this endpoint")
+            origin = (self.request.headers.get("Origin") or "")[:200]
+            raise GatewayError("forbidden", "this origin is not allowed to call this endpoint",
+                               log_message=f"CORS preflight from origin {origin!r}, which is not in "
+                                           "sessions.allowed_origins")
         requested = self.request.headers.get("Access-Control-Request-Headers", "")
         self.set_header("Access-Control-Allow-Methods", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")
         if requested:
@@ -382,6 +415,27 @@ class BaseHandler(tornado.web.RequestHandler):
         self._principal, self._principal_resolved = principal, True
         return principal
 
+    async def principal_for_limits(self) -> Principal | None:
+        """The caller, for a rate limit keyed by user or session on one of
+        the gateway's own endpoints; not kept, so that the endpoint still
+        resolves it its own way (``/refresh`` refuses a replaced token)."""
+        if self._principal_resolved:
+            return self._principal
+        try:
+            return await self.get_principal()
+        except GatewayError as exc:
+            if exc.code != "unauthenticated":
+                raise
+            return None  # the endpoint will say why
+        finally:
+            self._principal, self._principal_resolved, self._stale_token = None, False, None
+
+    @property
+    def resolved_principal(self) -> Principal | None:
+        """Who is calling, as far as :meth:`get_principal` already found
+        out (never a lookup of its own): for the access log."""
+        return self._principal if self._principal_resolved else None
+
     async def own_session(self, *, allow_superseded: bool = True) -> tuple[Principal, Session]:
         """:meth:`require_session`, with the gateway's own session record."""
         principal = await self.require_session(allow_superseded=allow_superseded)
@@ -442,6 +496,9 @@ class BaseHandler(tornado.web.RequestHandler):
         raise GatewayError(
             "csrf",
             "a cookie-authenticated request must come from an allowed Origin or carry X-Requested-With",
+            log_message=f"cookie-authenticated {self.request.method} from origin {origin[:200]!r}, neither the "
+                        "gateway's own nor in sessions.allowed_origins" if origin else
+                        f"cookie-authenticated {self.request.method} with no Origin, Referer or X-Requested-With",
         )
 
     # -- cookies ----------------------------------------------------------------

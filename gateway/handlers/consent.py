@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Mapping
 
 import tornado.web
 
+from gateway import audit
 from gateway.consent import Consent
 from gateway.errors import GatewayError, StoreUnavailable, invalid_request, not_found
 from gateway.handlers.base import BaseHandler
@@ -79,6 +80,8 @@ class ConsentHandler(BaseHandler):
         versions = consent.checked_acceptance(body["accept"])
         state = await consent.accept(principal.user_id, versions, session_id=principal.session_id,
                                      ip=self.client_ip)
+        audit.record("consent_accepted", user_id=principal.user_id, session_id=principal.session_id,
+                     documents=dict(versions))
         self.write_json(consent.listing(state))
 
 
@@ -98,6 +101,7 @@ class ConsentItemHandler(BaseHandler):
         if name not in consent.documents:
             raise not_found(f"no consent document {name!r}")
         await consent.withdraw(principal.user_id, name, session_id=principal.session_id, ip=self.client_ip)
+        audit.record("consent_withdrawn", user_id=principal.user_id, session_id=principal.session_id, document=name)
         self.set_status(204)
         self.finish()
 
@@ -127,6 +131,7 @@ async def login_consent(handler: BaseHandler, user_id: str, session_id: str) -> 
         if versions:
             state = await consent.accept(user_id, versions, session_id=session_id, ip=handler.client_ip,
                                          accepted=state)
+            audit.record("consent_accepted", user_id=user_id, session_id=session_id, documents=dict(versions))
         required = [d.name for d in consent.missing(state)]
     except StoreUnavailable as exc:
         log.warning("login of user %s: consent not read or recorded: %s", user_id, exc.detail or exc.message)

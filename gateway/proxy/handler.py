@@ -149,6 +149,8 @@ class ProxyHandler(BaseHandler):
     _deadline: asyncio.Timeout | None = None
     #: ``X-Consent`` for the upstream, set by :meth:`admit` on a route with ``require_consent``
     _consent: tuple[tuple[str, str], ...] = ()
+    #: seconds from sending the request upstream to its response head (once it came)
+    upstream_seconds: float | None = None
 
     def compute_etag(self) -> None:
         return None  # the upstream's ETag, if any, is relayed as is
@@ -210,7 +212,9 @@ class ProxyHandler(BaseHandler):
         sent where the gateway does not read them, a missing or dead one
         where it matters (401, clearing a dead cookie), route policy (403),
         cross-site cookie requests (403 ``csrf``) and, last, a caller lacking
-        the route's ``require_consent`` (403 ``consent_required``)."""
+        the route's ``require_consent`` (403 ``consent_required``).  The
+        route's rate limits (429 ``rate_limited``) are taken once the caller
+        is known, before the consent check."""
         request = self.request
         credentials = self.gateway.credentials
         where = policy.stray_credential(request.headers.get_all(), request.query,
@@ -218,12 +222,17 @@ class ProxyHandler(BaseHandler):
         if where is not None:
             raise invalid_request(f"a gateway token or API key was found in {where}; send it only as "
                                   f"{credentials.places} or the session cookie")
+        limits = self.gateway.rate_limits.routes.get(route.prefix)  # None on a route without limits
         if route.auth == "public":
+            if limits:
+                await self.gateway.rate_limits.check(self, limits)
             return None
         principal = await self.get_principal()
         if principal is None:
             if route.auth == "required" or self.presented_credential():
                 raise await self.unauthenticated_error()  # with its reason; a dead cookie is cleared
+            if limits:
+                await self.gateway.rate_limits.check(self, limits)
             return None
         self.check_authorised(route, principal)
         if websocket:
@@ -231,6 +240,8 @@ class ProxyHandler(BaseHandler):
                 self.check_websocket_origin()
         else:
             self.check_csrf()
+        if limits:  # after the cheap refusals, before the consent read and the upstream
+            await self.gateway.rate_limits.check(self, limits, principal)
         if route.require_consent:  # the one store read of consent, on such routes only (after the cheap checks)
             self._consent = ((policy.CONSENT_HEADER,
                               await self.gateway.consent.admit(principal.user_id, route.require_consent)),)
@@ -272,6 +283,9 @@ class ProxyHandler(BaseHandler):
                                            principal.scopes) if principal is not None else []
         if principal is not None:  # X-Consent, and the [profiles] upstream_headers (cached per process)
             identity += [*self._consent, *await self.gateway.preferences.upstream_headers(principal.user_id)]
+            if route.assertion:  # signed once per request, with the key parsed at start-up
+                identity.append((policy.ASSERTION_HEADER, self.gateway.assertions.sign(
+                    principal, audience=route.audience, origin=f"{self.client_scheme}://{self.client_host}")))
         out = policy.upstream_request_headers(
             list(request.headers.get_all()),
             strip=strip,
@@ -393,7 +407,8 @@ class ProxyHandler(BaseHandler):
                                            channel.chunks() if channel is not None else None,
                                            connect_timeout=route.connect_timeout,
                                            request_timeout=route.request_timeout, deadline=deadline)
-                metrics.upstream_answered(route.prefix, loop.time() - sent)
+                self.upstream_seconds = loop.time() - sent  # for the access log
+                metrics.upstream_answered(route.prefix, self.upstream_seconds)
                 if channel is not None and channel.stalled:
                     return self._client_stalled()
                 await self._relay(response, deadline)

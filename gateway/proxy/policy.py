@@ -32,8 +32,10 @@ HOP_BY_HOP = frozenset({
 IDENTITY_HEADERS = ("X-User-Id", "X-Auth-Provider", "X-Session-Id", "X-Auth-Scopes")
 #: The caller's accepted current consent documents (on routes with ``require_consent``).
 CONSENT_HEADER = "X-Consent"
+#: The signed identity (on routes with ``assertion``; :mod:`gateway.assertion`).
+ASSERTION_HEADER = "X-Gateway-Assertion"
 GATEWAY_OWNED = frozenset(h.lower() for h in IDENTITY_HEADERS) | {
-    CONSENT_HEADER.lower(), "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+    CONSENT_HEADER.lower(), ASSERTION_HEADER.lower(), "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
 }
 #: Believed by upstreams as facts about the client or the original request:
 #: passed on only from a trusted proxy (any ``X-Forwarded-*`` name too).

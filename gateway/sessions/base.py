@@ -44,6 +44,10 @@ Record = dict[str, Any]
 
 #: What a marker says of a token that opens no session any more.
 ENDED_REASONS = ("expired", "revoked", "superseded")
+#: Why the gateway itself ends a session (``gateway_session_revoked``'s
+#: ``reason``; a provider may pass another word).  Every one marks the
+#: tokens ``revoked``.
+REVOCATION_REASONS = ("logout", "logout_all", "revoked", "max_per_user", "operator")
 
 
 class SessionStore(abc.ABC):
@@ -121,3 +125,13 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def list_user(self, user_id: str) -> list[Record]:
         """The user's live sessions, oldest first."""
+
+    async def online(self, since: float, limit: int, after: tuple[float, str] | None = None) -> list[tuple[str, float]]:
+        """The online index: ``(user id, last seen)`` of at most ``limit``
+        users one of whose sessions was created or saved (touched) at
+        ``since`` or later, ordered by ``(last seen, user id)`` and strictly
+        after ``after``; those seen before ``since`` may be forgotten.  The
+        index is kept by :meth:`create` and :meth:`save` themselves (no
+        extra write), and a user leaves it when :meth:`delete` removes
+        their last live session."""
+        raise NotImplementedError(f"the {self.name or type(self).__name__} session store keeps no online index")

@@ -35,6 +35,8 @@ class MemorySessionStore(SessionStore):
         self._users: dict[str, dict[str, float]] = {}
         #: token hash -> (reason, deadline): how its session ended (or will)
         self._ended: dict[str, tuple[str, float]] = {}
+        #: the online index: user id -> when one of their sessions was last created or touched
+        self._online: dict[str, float] = {}
         self._writes = 0
 
     def _count_write(self) -> None:
@@ -97,6 +99,7 @@ class MemorySessionStore(SessionStore):
         self._sessions[record["id"]] = (copy.deepcopy(record), deadline)
         self._tokens[record["token_hash"]] = (record["id"], deadline)
         self._users.setdefault(record["user_id"], {})[record["id"]] = record["created_at"]
+        self._seen(record["user_id"], record["created_at"])
         self._mark_live(record, ttl)
         evicted: list[Record] = []
         if max_per_user > 0:
@@ -162,6 +165,8 @@ class MemorySessionStore(SessionStore):
             if h not in keep and self._superseded.get(h, ("",))[0] == record["id"]:
                 self._superseded.pop(h, None)
         self._mark_live(record, ttl)
+        if isinstance(record.get("last_seen_at"), (int, float)):
+            self._seen(record["user_id"], record["last_seen_at"])
         return True
 
     async def rotate(self, record: Record, ttl: float, grace: float) -> bool:
@@ -181,6 +186,8 @@ class MemorySessionStore(SessionStore):
             return None
         self._drop(record)
         self._mark(_hashes(record), "revoked", self.retention)
+        if not await self.list_user(record["user_id"]):
+            self._online.pop(record["user_id"], None)
         return copy.deepcopy(record)
 
     async def list_user(self, user_id: str) -> list[Record]:
@@ -191,3 +198,13 @@ class MemorySessionStore(SessionStore):
             if record is not None:
                 out.append(copy.deepcopy(record))
         return out
+
+    def _seen(self, user_id: str, when: float) -> None:
+        self._online[user_id] = max(when, self._online.get(user_id, when))
+
+    async def online(self, since: float, limit: int, after: tuple[float, str] | None = None) -> list[tuple[str, float]]:
+        for user_id in [u for u, seen in self._online.items() if seen < since]:
+            del self._online[user_id]
+        found = sorted((seen, user_id) for user_id, seen in self._online.items()
+                       if after is None or (seen, user_id) > after)
+        return [(user_id, seen) for seen, user_id in found[:limit]]

@@ -5,8 +5,12 @@ the session id, ``r:<sha256 of a superseded token>`` the session id (for
 refresh-token reuse detection; as long-lived as the session), ``u:<user id>``
 a sorted set of the user's session ids by creation time, ``e:<sha256 of
 token>`` the marker saying how that token's session ended or will end
-(``expired``, ``revoked``, ``superseded``; see :mod:`gateway.sessions.base`).
-Every key carries a TTL.  (:mod:`gateway.state.redis` keeps counters and shared values on the
+(``expired``, ``revoked``, ``superseded``; see :mod:`gateway.sessions.base`),
+``o`` the online index: one sorted set of user ids by the time one of their
+sessions was last created or touched, written by the same scripts (no extra
+round trip), trimmed of users unseen for :data:`ONLINE_KEEP` seconds at each
+login and of users with no live session left when their last one is deleted.
+Every key but ``o`` carries a TTL.  (:mod:`gateway.state.redis` keeps counters and shared values on the
 same Redis, through this store's client, under ``c:`` and ``v:``.)
 Operations that touch several keys run as Lua scripts, so they are atomic and
 cost one round trip.
@@ -58,6 +62,9 @@ if tonumber(ARGV[10]) > 0 then redis.call('SET', p..'e:'..ARGV[6], 'expired', 'P
 local ukey = p..'u:'..ARGV[7]
 redis.call('ZADD', ukey, ARGV[8], ARGV[1])
 if redis.call('PTTL', ukey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', ukey, ARGV[3]) end
+-- the online index (ARGV[11]: forget users unseen since then)
+redis.call('ZADD', p..'o', 'GT', ARGV[8], ARGV[7])
+redis.call('ZREMRANGEBYSCORE', p..'o', '-inf', '('..ARGV[11])
 local live = {}
 for _, sid in ipairs(redis.call('ZRANGE', ukey, 0, -1)) do
   if redis.call('EXISTS', p..'s:'..sid) == 1 then table.insert(live, sid) else redis.call('ZREM', ukey, sid) end
@@ -130,6 +137,7 @@ end
 local ukey = p..'u:'..ARGV[8]
 redis.call('ZADD', ukey, ARGV[9], ARGV[1])
 if redis.call('PTTL', ukey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', ukey, ARGV[3]) end
+if type(rec.last_seen_at) == 'number' then redis.call('ZADD', p..'o', 'GT', rec.last_seen_at, ARGV[8]) end
 if ARGV[6] ~= '' then
   if tonumber(ARGV[7]) > 0 then
     redis.call('PEXPIRE', p..'t:'..ARGV[6], ARGV[7])
@@ -151,10 +159,23 @@ if type(rec.prev_token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.pre
 if type(rec.superseded_hashes) == 'table' then
   for _, h in ipairs(rec.superseded_hashes) do redis.call('DEL', p..'r:'..h) end
 end
-if type(rec.user_id) == 'string' then redis.call('ZREM', p..'u:'..rec.user_id, ARGV[2]) end
+if type(rec.user_id) == 'string' then
+  local ukey = p..'u:'..rec.user_id
+  redis.call('ZREM', ukey, ARGV[2])
+  -- no live session left: the user leaves the online index
+  local live = false
+  for _, sid in ipairs(redis.call('ZRANGE', ukey, 0, -1)) do
+    if redis.call('EXISTS', p..'s:'..sid) == 1 then live = true break end
+  end
+  if not live then redis.call('ZREM', p..'o', rec.user_id) end
+end
 revoke_marks(p, rec, ARGV[3])
 return raw
 """
+
+
+#: the online index forgets a user unseen this long (trimmed at each login)
+ONLINE_KEEP = 86400.0
 
 
 def _ms(seconds: float) -> int:
@@ -235,7 +256,8 @@ class RedisSessionStore(SessionStore):
             "create",
             [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}", f"{p}u:{record['user_id']}"],
             [record["id"], json.dumps(record), _ms(ttl), max_per_user, p,
-             record["token_hash"], record["user_id"], record["created_at"], *self._marking(ttl)],
+             record["token_hash"], record["user_id"], record["created_at"], *self._marking(ttl),
+             repr(float(record["created_at"]) - ONLINE_KEEP)],
         )
         return [json.loads(r) for r in raw or []]
 
@@ -309,3 +331,21 @@ class RedisSessionStore(SessionStore):
         except RedisError as exc:
             raise store_unavailable(exc) from None
         return [json.loads(r) for r in raws if r is not None]
+
+    async def online(self, since: float, limit: int, after: tuple[float, str] | None = None) -> list[tuple[str, float]]:
+        key = f"{self._prefix}o"
+        found: list[tuple[str, float]] = []
+        try:
+            await self.client.zremrangebyscore(key, "-inf", f"({since!r}")
+            low, offset = (after[0] if after is not None else since), 0
+            while len(found) < limit:
+                batch: list[Any] = await self.client.zrangebyscore(key, low, "+inf", start=offset, num=limit + 1,
+                                                                   withscores=True)
+                if not batch:
+                    break
+                offset += len(batch)
+                found += [(str(user), float(score)) for user, score in batch
+                          if after is None or (float(score), str(user)) > after]
+        except RedisError as exc:
+            raise store_unavailable(exc) from None
+        return found[:limit]

@@ -1,8 +1,8 @@
 """The shared-state contract: counters and small values with a TTL.
 
 Besides sessions, the gateway keeps a little state that every process must
-see alike: counters in a fixed window (login failures, rate limits) and short
-values with a TTL (a provider's cached access token, a lock around fetching it).
+see alike: counters in a fixed window (login failures), rate-limit buckets
+(:meth:`SharedState.take`) and short values with a TTL (a provider's cached access token, a lock around fetching it).
 :class:`SharedState` is that service; it knows nothing of sessions.  Every
 entry expires on its own, so nothing here needs cleaning up.
 
@@ -14,6 +14,25 @@ state; the in-memory one is not.  Every method may raise
 from __future__ import annotations
 
 import abc
+import math
+
+#: slack of the rate-limit arithmetic (seconds): float rounding never refuses a request that fits
+_EPSILON = 1e-6
+
+
+def gcra(tat: float | None, now: float, limit: int, window: float) -> tuple[bool, int, float, float]:
+    """One step of the generic cell rate algorithm for ``limit`` requests per
+    ``window`` seconds: from the stored theoretical arrival time ``tat``
+    (``None`` for none), ``(allowed, remaining, reset_after, new tat)``.
+    The Redis backend runs the same arithmetic in Lua (in milliseconds)."""
+    interval = window / limit
+    start = now if tat is None or tat < now else tat
+    new_tat = start + interval
+    allow_at = new_tat - window
+    if allow_at - now > _EPSILON:
+        return False, 0, allow_at - now, start
+    remaining = int(math.floor((window - (new_tat - now)) / interval + _EPSILON))
+    return True, max(0, remaining), new_tat - now, new_tat
 
 
 class SharedState(abc.ABC):
@@ -41,6 +60,20 @@ class SharedState(abc.ABC):
     @abc.abstractmethod
     async def clear(self, key: str) -> None:
         """Forget a counter."""
+
+    # -- rate limits: one atomic step per request -------------------------
+
+    @abc.abstractmethod
+    async def take(self, key: str, limit: int, window: float) -> tuple[bool, int, float]:
+        """Take one request from the bucket ``key`` allowing ``limit``
+        requests per ``window`` seconds (GCRA: a burst of ``limit`` at once,
+        then one every ``window / limit`` seconds; :func:`gcra`), in one
+        atomic step shared by every process.  Returns ``(allowed, remaining,
+        reset_after)``: ``remaining`` requests would still be allowed now;
+        ``reset_after`` is, when allowed, the seconds until the whole
+        ``limit`` is available again and, when refused, the seconds until a
+        request will be allowed (nothing is taken then).  The bucket expires
+        on its own once full again.  Keys are apart from :meth:`hit`'s."""
 
     # -- small shared values with a TTL (a cached access token, a lock) --
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from gateway.state.base import SharedState
+from gateway.state.base import SharedState, gcra
 
 
 class MemorySharedState(SharedState):
@@ -22,6 +22,8 @@ class MemorySharedState(SharedState):
     def __init__(self) -> None:
         #: counter -> (count, end of its window)
         self._counters: dict[str, tuple[int, float]] = {}
+        #: rate-limit bucket -> (theoretical arrival time, when it is full again)
+        self._buckets: dict[str, tuple[float, float]] = {}
         #: key -> (value, deadline)
         self._values: dict[str, tuple[str, float]] = {}
         self._writes = 0
@@ -38,6 +40,8 @@ class MemorySharedState(SharedState):
             self._counters.pop(key, None)
         for key in [k for k, (_, end) in self._values.items() if end <= now]:
             self._values.pop(key, None)
+        for key in [k for k, (_, end) in self._buckets.items() if end <= now]:
+            self._buckets.pop(key, None)
 
     async def hit(self, key: str, window: float) -> tuple[int, float]:
         self._count_write()
@@ -59,6 +63,15 @@ class MemorySharedState(SharedState):
 
     async def clear(self, key: str) -> None:
         self._counters.pop(key, None)
+
+    async def take(self, key: str, limit: int, window: float) -> tuple[bool, int, float]:
+        now = time.time()
+        stored = self._buckets.get(key)
+        allowed, remaining, reset_after, tat = gcra(stored[0] if stored else None, now, limit, window)
+        if allowed:  # one step of the event loop: atomic for this process
+            self._count_write()
+            self._buckets[key] = (tat, tat)
+        return allowed, remaining, reset_after
 
     async def get_value(self, key: str) -> str | None:
         item = self._values.get(key)

@@ -7,7 +7,9 @@ each time, since the store creates it in ``open()`` and drops it in
 the state; close the state before the store.
 
 Keys (the store's prefix, ``gw:`` by default, beside the session keys):
-``c:<name>`` counters, ``v:<name>`` small shared values.  Every key carries
+``c:<name>`` counters, ``r:<name>`` rate-limit buckets (the theoretical
+arrival time, in milliseconds of the Redis clock, so that every gateway
+agrees on the time), ``v:<name>`` small shared values.  Every key carries
 a TTL.  These are the names and scripts the session store used when it held
 counters and values itself, so whatever was stored before carries over.
 
@@ -32,6 +34,23 @@ _HIT = """
 local n = redis.call('INCR', KEYS[1])
 if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return {n, redis.call('PTTL', KEYS[1])}
+"""
+
+#: one GCRA step (gateway.state.base.gcra, in milliseconds of Redis's own clock):
+#: ARGV = window ms, limit; returns {allowed, remaining, reset_after ms}
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local window = tonumber(ARGV[1])
+local interval = window / tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '')
+if tat == nil or tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - window
+if allow_at - now > 0.001 then return {0, 0, math.ceil(allow_at - now)} end
+local ttl = math.ceil(new_tat - now)
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', ttl)
+return {1, math.floor((window - (new_tat - now)) / interval + 0.000001), ttl}
 """
 
 #: delete the key only while it holds ARGV[1] (release a lock one still owns)
@@ -59,7 +78,7 @@ class _Script:
             return await client.eval(self.source, len(keys), *keys, *args)
 
 
-_SCRIPTS = {"hit": _Script(_HIT), "delete_if": _Script(_DELETE_IF)}
+_SCRIPTS = {"hit": _Script(_HIT), "take": _Script(_TAKE), "delete_if": _Script(_DELETE_IF)}
 
 
 class RedisSharedState(SharedState):
@@ -70,6 +89,7 @@ class RedisSharedState(SharedState):
         self._store = store
         self._counter = f"{store.prefix}c:"
         self._value = f"{store.prefix}v:"
+        self._bucket = f"{store.prefix}r:"
 
     async def close(self) -> None:
         """Nothing to release: the session store owns the client."""
@@ -84,6 +104,10 @@ class RedisSharedState(SharedState):
     async def hit(self, key: str, window: float) -> tuple[int, float]:
         count, pttl = await self._run("hit", [self._counter + key], [_ms(window)])
         return int(count), max(0, int(pttl)) / 1000
+
+    async def take(self, key: str, limit: int, window: float) -> tuple[bool, int, float]:
+        allowed, remaining, ms = await self._run("take", [self._bucket + key], [_ms(window), int(limit)])
+        return bool(allowed), max(0, int(remaining)), max(0, int(ms)) / 1000
 
     async def peek(self, key: str) -> tuple[int, float]:
         k = self._counter + key

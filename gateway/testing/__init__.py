@@ -583,30 +583,31 @@ def _toml_value(value: Any) -> str:
 
 
 def write_toml(path: Path, config: Mapping[str, Any]) -> None:
-    """Write a configuration dict (tables, ``routes`` as ``[[routes]]``) as
-    TOML: strings, numbers, booleans and lists of them."""
+    """Write a configuration dict as TOML: tables, arrays of tables (a list
+    of dicts, such as ``routes`` as ``[[routes]]``), and strings, numbers,
+    booleans and lists of them (an empty list too: ``rate_limits = []``)."""
     out: list[str] = []
 
-    def table(name: str, values: Mapping[str, Any]) -> None:
-        out.append(f"[{name}]")
-        nested = {}
+    def is_tables(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+    def body(name: str, values: Mapping[str, Any]) -> None:
+        # plain keys first: TOML puts a table's own keys before its sub-tables
         for k, v in values.items():
-            if isinstance(v, Mapping):
-                nested[k] = v
-            else:
+            if not isinstance(v, Mapping) and not is_tables(v):
                 out.append(f"{k} = {_toml_value(v)}")
         out.append("")
-        for k, v in nested.items():
-            table(f"{name}.{k}", v)
+        for k, v in values.items():
+            full = f"{name}.{k}" if name else k
+            if isinstance(v, Mapping):
+                out.append(f"[{full}]")
+                body(full, v)
+            elif is_tables(v):
+                for item in v:
+                    out.append(f"[[{full}]]")
+                    body(full, item)
 
-    for name, values in config.items():
-        if name == "routes":
-            for route in values:
-                out.append("[[routes]]")
-                out.extend(f"{k} = {_toml_value(v)}" for k, v in route.items())
-                out.append("")
-        else:
-            table(name, values)
+    body("", config)
     Path(path).write_text("\n".join(out))
 
 
