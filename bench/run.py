@@ -374,6 +374,11 @@ def gateway_config(tmp: Path, up: Upstreams, port: int, workers: int) -> dict[st
         "profiles": {"store": "sqlite", "sqlite_path": str(tmp / "profiles.db")},
         "routes": routes,
         "providers": {"password": dict(BENCH_ARGON2)},
+        # the gateways measured side by side need no admin listener (its port is one for all)
+        "admin": {"port": 0},
+        # the figures are the proxy's; the default login limit (20 a minute per address) would only
+        # turn the set-up's logins into 429s
+        "rate_limits": [],
     }
 
 
@@ -966,6 +971,8 @@ async def measure_all(stack: Stack, run: Run) -> None:
             "profiles": {"store": "sqlite", "sqlite_path": str(tmp / "login-profiles.db")},
             "routes": [{"prefix": "/pub/", "upstream": nginx, "auth": "public"}],
             "providers": {"password": {}},  # the provider's default argon2id parameters
+            "admin": {"port": 0},
+            "rate_limits": [],  # logins per second are measured, not the per-address login limit
         }
         if wechat_url:
             data["providers"]["wechat"] = {"api_base": wechat_url, "timeout": "5s",

@@ -114,6 +114,7 @@ def access_fields(handler: tornado.web.RequestHandler, status: int, label: str, 
             detail = detail[:DETAIL_MAX - 3] + "..."
     return {
         "request_id": base.request_id if base is not None else None,
+        "trace_id": getattr(handler, "trace_id", None),
         "method": request.method,
         "route": label,
         # The path only: query strings may carry secrets (codes, tokens).
@@ -137,7 +138,7 @@ def _access_text(f: dict[str, Any]) -> str:
     out = [f"{f['status']} {f['method']} {f['path']} route={f['route']} {f['duration_ms']}ms"]
     if f["upstream_ms"] is not None:
         out.append(f"upstream={f['upstream_ms']}ms")
-    for key, name in (("bytes", "bytes"), ("request_id", "rid"), ("ip", "ip"), ("user_id", "user"),
+    for key, name in (("bytes", "bytes"), ("request_id", "rid"), ("trace_id", "trace"), ("ip", "ip"), ("user_id", "user"),
                       ("session_id", "session"), ("provider", "provider"), ("error", "error"),
                       ("reason", "reason")):
         if f[key] is not None:

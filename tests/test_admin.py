@@ -151,6 +151,11 @@ async def test_two_workers_share_one_admin_listener_whose_metrics_are_their_sum(
                     assert await keep_alive_get(f"/public/k?n={n}", conn) == 200
             assert sum(served.values()) == 80 and min(served.values()) > 0, served  # both workers served some
 
+            async def all_counted() -> bool:  # a request is counted as its handler finishes, just after its answer
+                return total(await scrape(admin), "gateway_http_requests", "gateway_http_requests_total",
+                             route="/public/", method="GET", status="200") >= 80
+
+            await eventually(all_counted, "80 requests counted", timeout=5)
             families = await scrape(admin)
             assert total(families, "gateway_http_requests", "gateway_http_requests_total",
                          route="/public/", method="GET", status="200") == 80
@@ -171,6 +176,12 @@ async def test_two_workers_share_one_admin_listener_whose_metrics_are_their_sum(
                 assert reg["token"]
             finally:
                 users.close()
+
+            async def logins_counted() -> bool:  # counted as each handler finishes, just after its answer
+                return total(await scrape(admin), "gateway_http_requests", "gateway_http_requests_total",
+                             route="/auth/password/login", method="POST") >= 2
+
+            await eventually(logins_counted, "the logins counted", timeout=5)
             families = await scrape(admin)
             assert total(families, "gateway_logins", "gateway_logins_total", provider="password", result="ok") == 1
             assert total(families, "gateway_logins", "gateway_logins_total", provider="password",
@@ -323,8 +334,14 @@ async def test_readyz_turns_503_at_sigterm_while_the_gateway_still_serves(tmp_pa
             await eventually(ready, "/readyz 200")
             async with Client(gp.url) as c:
                 assert (await c.request("GET", "/public/before")).code == 200
-            families = await scrape(admin)
-            assert total(families, "gateway_http_requests", "gateway_http_requests_total", route="/public/") == 1
+
+            async def counted() -> bool:
+                # the access-log function counts a request once its handler
+                # finishes, a moment after the client has the whole answer
+                families = await scrape(admin)
+                return total(families, "gateway_http_requests", "gateway_http_requests_total", route="/public/") == 1
+
+            await eventually(counted, "the request counted", timeout=5)
 
             gp.proc.send_signal(signal.SIGTERM)
 

@@ -56,7 +56,7 @@ def access_lines(gp: GatewayProcess, fmt: str) -> list[dict[str, Any]]:
     return out
 
 
-_NAMES = {"rid": "request_id", "user": "user_id", "session": "session_id", "upstream": "upstream_ms",
+_NAMES = {"rid": "request_id", "trace": "trace_id", "user": "user_id", "session": "session_id", "upstream": "upstream_ms",
           "bytes": "bytes", "ip": "ip", "provider": "provider", "error": "error", "reason": "reason",
           "route": "route", "detail": "detail"}
 

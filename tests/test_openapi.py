@@ -319,3 +319,16 @@ def test_schemathesis_finds_nothing_against_a_live_gateway(live: LiveGateway, tm
     failures = output.find("FAILURES")
     assert run.returncode == 0, output[failures:][:20000] if failures >= 0 else output[-20000:]
     assert "Stateful" in output and "API Links" in output
+
+
+@pytest.mark.gen_test
+async def test_a_preflight_names_the_methods_the_resource_answers(make_gateway, upstream, tmp_path):
+    gw = await make_gateway(base_config(upstream.url, tmp_path, sessions={"allowed_origins": ["https://app.example"]}))
+    for path, methods in (("/auth/session", {"GET"}), ("/auth/refresh", {"POST"}),
+                          ("/auth/profile", {"GET", "PATCH"})):
+        r = await gw.client.request("OPTIONS", path, headers={"Origin": "https://app.example",
+                                                             "Access-Control-Request-Method": "DELETE"})
+        assert r.code == 204, (path, r.body)
+        assert set(r.headers["Access-Control-Allow-Methods"].split(", ")) == methods, path
+        refused = await gw.client.request("PUT", path, json_body={})  # implemented by none of them
+        assert refused.code == 405 and set(refused.headers["Allow"].split(", ")) == methods, path  # the same list

@@ -151,6 +151,8 @@ class ProxyHandler(BaseHandler):
     _consent: tuple[tuple[str, str], ...] = ()
     #: seconds from sending the request upstream to its response head (once it came)
     upstream_seconds: float | None = None
+    #: the W3C trace id this request travels upstream with (for the access log)
+    trace_id: str | None = None
 
     def compute_etag(self) -> None:
         return None  # the upstream's ETag, if any, is relayed as is
@@ -302,6 +304,7 @@ class ProxyHandler(BaseHandler):
             websocket=websocket,
             credentials=self.gateway.credentials,
         )
+        out, self.trace_id = policy.with_trace_context(out, request.headers.get("traceparent"))
         extras = await self.gateway.upstream_headers(request, principal, route)
         for extra in extras:
             for name, value in extra.items():

@@ -293,3 +293,40 @@ def is_websocket_upgrade(headers: Iterable[tuple[str, str]]) -> bool:
         if name.lower() == "upgrade" and value.strip().lower() == "websocket":
             return True
     return False
+
+
+# -- W3C trace context -------------------------------------------------------------------
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+def valid_traceparent(value: str | None) -> str | None:
+    """``value`` if it is a W3C ``traceparent`` of version 00 with non-zero
+    ids (the only version this gateway understands), else ``None``."""
+    if value is None:
+        return None
+    value = value.strip().lower()
+    m = _TRACEPARENT.match(value)
+    if m is None or set(m.group(1)) == {"0"} or set(m.group(2)) == {"0"}:
+        return None
+    return value
+
+
+def new_traceparent() -> str:
+    """A ``traceparent`` starting a new, sampled trace."""
+    import secrets
+
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def with_trace_context(headers: Headers, incoming: str | None) -> tuple[Headers, str]:
+    """``headers`` with a valid ``traceparent`` (the client's, or a new one
+    when it sent none or a malformed one, whose ``tracestate`` then goes
+    too, as the W3C recommendation says) and the trace id."""
+    kept = valid_traceparent(incoming)
+    if kept is None:
+        headers = [(n, v) for n, v in headers if canonical(n) not in ("traceparent", "tracestate")]
+        kept = new_traceparent()
+        headers.append(("traceparent", kept))
+    return headers, kept.split("-")[1]
+
