@@ -674,6 +674,7 @@ async def test_malformed_upstream_header_is_502_and_one_log_line(make_gateway, r
 
 
 ALLOWED_ADDED = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id",
+                 "traceparent",  # W3C trace context: a trace is started when the client sent none
                  "content-length", "transfer-encoding"}  # (framing is the transport's, not an addition)
 
 
