@@ -26,6 +26,7 @@ What is here:
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import secrets
@@ -75,7 +76,7 @@ __all__ = [
     "Endpoint", "LOGIN_ANSWER", "Command", "CommandContext", "add_config_option",
     # what a provider may use
     "Services", "Request", "Profiles", "SharedState", "Sessions", "SessionView", "Sealer", "RouteView",
-    "Collection", "Records", "Below", "utcnow", "new_user_id", "identity_key",
+    "Collection", "Records", "Below", "utcnow", "client_key", "new_user_id", "identity_key",
     # errors
     "GatewayError", "StoreUnavailable", "Conflict", "invalid_request", "invalid_credentials",
     "unauthenticated", "not_found", "too_many",
@@ -89,6 +90,21 @@ __all__ = [
 def utcnow() -> datetime:
     """Now, as a timezone-aware UTC datetime."""
     return datetime.now(timezone.utc)
+
+
+def client_key(ip: str) -> str:
+    """Whom a limit or lockout counts as one client: the address, but an
+    IPv6 client by its whole /64 (one host usually holds all of it), and an
+    IPv4-mapped IPv6 address as the IPv4 address."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{addr}/64", strict=False))
+    return str(addr)
 
 
 def identity_key(provider: str, subject: str) -> str:

@@ -24,7 +24,6 @@ logs so at most once a second.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
 import tornado.httputil
 
-from gateway.api import Principal
+from gateway.api import Principal, client_key
 from gateway.config import RateLimitConfig
 from gateway.errors import GatewayError, StoreUnavailable, too_many
 from gateway.options import ConfigError
@@ -95,19 +94,6 @@ class Caller(Protocol):
 
 #: resolves the caller when a limit needs one (on the gateway's own endpoints)
 ResolvePrincipal = Callable[[], Awaitable[Principal | None]]
-
-
-def client_key(ip: str) -> str:
-    """The address a client is counted by: an IPv6 client by its /64."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{addr}/64", strict=False))
-    return str(addr)
 
 
 def caller_key(kind: str, principal: Principal | None, headers: tornado.httputil.HTTPHeaders) -> str | None:

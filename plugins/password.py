@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import secrets
 import time
 import unicodedata
@@ -58,6 +57,7 @@ from gateway.api import (
     invalid_credentials,
     invalid_request,
     too_many,
+    client_key,
 )
 
 T = TypeVar("T")
@@ -330,20 +330,6 @@ class PasswordProvider(Provider):
                                      "properties": {"old_password": _password_schema(1, 4 * MAX_PASSWORD),
                                                     "new_password": new_password}}),
         ]
-
-
-def client_key(ip: str) -> str:
-    """Whom a lockout counts as one client: the address, but an IPv6
-    client's whole /64 (one host usually holds all of it)."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{addr}/64", strict=False))
-    return str(addr)
 
 
 @hookimpl
