@@ -16,12 +16,13 @@ __all__ = ["Session", "SessionManager", "SessionStore", "hash_token", "open_sess
 def open_session_store(settings: SessionsConfig) -> SessionStore:
     """Build (not yet open) the store named by the ``[sessions]`` section."""
     if settings.store == "redis":
+        from gateway.sessions.connection import RedisOptions
         from gateway.sessions.redis import RedisSessionStore
 
-        return RedisSessionStore(settings.redis_url, timeout=settings.redis_timeout,
-                                 max_connections=settings.redis_max_connections,
-                                 pool_timeout=settings.redis_pool_timeout,
-                                 retention=settings.ended_retention)
+        options = RedisOptions(settings.redis_url, timeout=settings.redis_timeout,
+                               max_connections=settings.redis_max_connections,
+                               pool_timeout=settings.redis_pool_timeout)
+        return RedisSessionStore(options=options, retention=settings.ended_retention)
     from gateway.sessions.memory import MemorySessionStore
 
     return MemorySessionStore(retention=settings.ended_retention)

@@ -29,13 +29,11 @@ import json
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
-from redis.retry import Retry
 
 from gateway.errors import StoreUnavailable
 from gateway.sessions.base import Record, SessionStore
+from gateway.sessions.connection import RedisClient, RedisOptions, connect
 
 log = logging.getLogger("gateway.sessions")
 PREFIX = "gw:"
@@ -192,32 +190,18 @@ class RedisSessionStore(SessionStore):
     name = "redis"
     shared = True
 
-    def __init__(self, url: str, timeout: float = 0.5, prefix: str = PREFIX, *,
-                 max_connections: int = 1000, pool_timeout: float = 1.0, retention: float = 86400.0) -> None:
+    def __init__(self, url: str = "", timeout: float = 0.5, prefix: str = PREFIX, *,
+                 max_connections: int = 1000, pool_timeout: float = 1.0, retention: float = 86400.0,
+                 options: RedisOptions | None = None) -> None:
         self.retention = retention
-        self._url = url
-        self._timeout = timeout
-        self._max_connections = max_connections
-        self._pool_timeout = pool_timeout
+        self._options = options or RedisOptions(url, timeout=timeout, max_connections=max_connections,
+                                                pool_timeout=pool_timeout)
         self._prefix = prefix
-        self._client: aioredis.Redis | None = None
+        self._client: RedisClient | None = None
         self._scripts: dict[str, Any] = {}
 
     async def open(self) -> None:
-        # redis-py's default pool fails at once beyond its 100 connections;
-        # this one waits (bounded) for a connection to come back.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=self._max_connections,
-            timeout=self._pool_timeout,
-            socket_connect_timeout=self._timeout,
-            socket_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_timeout=True,
-            health_check_interval=30,
-            decode_responses=True,
-        )
-        self._client = aioredis.Redis.from_pool(pool)
+        self._client = connect(self._options)
         for name, src in (("create", _CREATE), ("lookup", _LOOKUP), ("save", _SAVE), ("delete", _DELETE)):
             self._scripts[name] = self._client.register_script(src)
 
@@ -227,7 +211,7 @@ class RedisSessionStore(SessionStore):
             self._client = None
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> RedisClient:
         """The Redis client (``decode_responses``), from :meth:`open` until
         :meth:`close`; :class:`gateway.state.redis.RedisSharedState` shares it."""
         if self._client is None:
