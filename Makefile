@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run typecheck test redis-server bench-tools bench clean check-config docs
+.PHONY: install run typecheck test test-tools bench-tools bench clean check-config docs
 
 install: $(STAMP)
 
@@ -25,24 +25,28 @@ run: install
 check-config: install
 	$(BIN)/gateway check-config --config conf/gateway.toml
 
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "redis-server not found: installing it with apt"; \
+# redis-server (with redis-cli: the session store, its cluster and sentinel tests)
+# and nginx (the forward-auth tests), with apt when missing.
+test-tools:
+	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
+	for tool in redis-server nginx; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "not found:$$missing: installing with apt"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y redis-server >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y redis-server; }; \
-	}
+	  $$SUDO apt-get install -y $$missing >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y $$missing; }; \
+	fi
 	@redis-server --version
 
 # mypy --strict over gateway/ and plugins/ (settings: [mypy] in setup.cfg).
 typecheck: install
 	$(BIN)/python -m mypy
 
-test: install typecheck redis-server
+test: install typecheck test-tools
 	$(BIN)/python -m pytest -rs $(PYTEST_ARGS)
 
 # nginx (the upstream) and wrk (the load) for `make bench`, with apt when missing.
 # nginx lives in /usr/sbin, which is not on every user's PATH.
-bench-tools: redis-server
+bench-tools: test-tools
 	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
 	for tool in nginx wrk; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
