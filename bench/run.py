@@ -29,7 +29,9 @@ default), ``BENCH_RESULTS`` (output file, default ``bench/results.json``),
 
 Row keys: ``nginx`` (the upstream alone, for context), ``baseline`` (the bare
 proxy), ``public`` (/pub/), ``auth`` (/api/, Bearer session), ``apikey``
-(/keyed/, X-API-Key), ``redis`` (commands and round trips per request),
+(/keyed/, X-API-Key), ``forward_auth`` (/api/ through nginx with the shipped
+``conf/nginx-forward-auth.example.conf``: ``auth_request`` to the gateway's
+``/auth/verify``, then nginx proxying to the same upstream), ``redis`` (commands and round trips per request),
 ``ws_gateway``, ``ws_direct``, ``big_upload``, ``big_download``,
 ``auth_2_workers``, ``password_logins``, ``wechat_logins``.
 """
@@ -284,6 +286,35 @@ async def start_nginx(stack: Stack) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+#: the forward-auth nginx configuration the project ships, measured as it is
+FORWARD_AUTH_CONF = ROOT / "conf" / "nginx-forward-auth.example.conf"
+
+
+async def start_forward_auth_nginx(stack: Stack, gateway_url: str, upstream_url: str) -> str:
+    """nginx with the shipped forward-auth configuration (its placeholders
+    replaced as plain text) in front of ``upstream_url``, asking the
+    gateway at ``gateway_url``; its URL."""
+    nginx = which("nginx")
+    port = free_port()
+    work = stack.tmp / "forward-auth-nginx"
+    work.mkdir(exist_ok=True)
+    text = FORWARD_AUTH_CONF.read_text()
+    for name, value in (("__LISTEN__", f"127.0.0.1:{port}"), ("__GATEWAY__", gateway_url.split("://", 1)[1]),
+                        ("__UPSTREAM__", upstream_url.split("://", 1)[1]), ("__TEMP_DIR__", str(work)),
+                        ("__LOG_DIR__", str(work))):
+        text = text.replace(name, value)
+    conf = work / "nginx.conf"
+    conf.write_text(text)
+    directives = f"daemon off; pid {work}/nginx.pid;" + (" user root;" if os.geteuid() == 0 else "")
+    proc = stack.start("forward-auth-nginx", [nginx, "-p", str(work), "-c", str(conf), "-g", directives])
+    try:
+        await wait_port(proc, port)
+    except Failed as exc:
+        log = work / "error.log"
+        raise Failed(f"{exc} {log.read_text(errors='replace')[-400:] if log.exists() else ''}") from None
+    return f"http://127.0.0.1:{port}"
+
+
 async def start_redis(stack: Stack) -> int:
     port = free_port()
     proc = stack.start("redis", [which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
@@ -368,7 +399,10 @@ def gateway_config(tmp: Path, up: Upstreams, port: int, workers: int) -> dict[st
                        "connect_timeout": "5s", "request_timeout": "120s", "read_timeout": "60s"})
     return {
         "server": {"host": "127.0.0.1", "port": port, "workers": workers, "shutdown_timeout": "2s",
-                   "event_loop": EVENT_LOOP},
+                   "event_loop": EVENT_LOOP,
+                   # the forward-auth nginx on loopback asks /auth/verify (clients of the other rows send
+                   # no X-Forwarded-* header: nothing else changes)
+                   "trusted_proxies": ["127.0.0.1"]},
         "sessions": {"store": "redis", "redis_url": f"redis://127.0.0.1:{up.redis_port}/0",
                      "idle_timeout": "1h", "touch_interval": "10m", "cookie_secure": False},
         "profiles": {"store": "sqlite", "sqlite_path": str(tmp / "profiles.db")},
@@ -610,6 +644,19 @@ async def ws_echo(url: str, headers: dict[str, str], gw: Gateway | None = None) 
             "sockets": WS_SOCKETS, "message_bytes": len(message)}
 
 
+def worker_of(supervisor: int) -> int:
+    """The one worker of a one-worker gateway (the supervisor's child), whose
+    memory the streaming figures are about."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(supervisor):
+            return int(status.parent.name)
+    raise RuntimeError(f"gateway {supervisor} has no worker")
+
+
 class RssSampler:
     """Peak VmRSS of one process, read every 50 ms on a thread of its own."""
 
@@ -669,7 +716,7 @@ async def big_upload(gw: Gateway, big: str) -> dict[str, Any]:
             yield piece
 
     timeout = aiohttp.ClientTimeout(total=BIG_TIMEOUT, sock_read=60)
-    with RssSampler(gw.proc.pid) as rss:
+    with RssSampler(worker_of(gw.proc.pid)) as rss:
         start = time.monotonic()
         async with aiohttp.ClientSession() as http:
             try:
@@ -700,7 +747,7 @@ async def big_download(gw: Gateway, big: str) -> dict[str, Any]:
     key = f"down-{os.getpid()}-{time.time_ns()}"
     got, length = hashlib.sha256(), 0
     timeout = aiohttp.ClientTimeout(total=BIG_TIMEOUT, sock_read=60)
-    with RssSampler(gw.proc.pid) as rss:
+    with RssSampler(worker_of(gw.proc.pid)) as rss:
         start = time.monotonic()
         async with aiohttp.ClientSession(auto_decompress=False) as http:
             try:
@@ -896,12 +943,21 @@ async def measure_all(stack: Stack, run: Run) -> None:
     async def via(path: str, headers: dict[str, str]) -> dict[str, Any]:
         return await http_load(gw.need() + path, headers)
 
+    edge: list[str] = []  # the forward-auth nginx, started on first use
+
+    async def forward_auth() -> dict[str, Any]:
+        url = gw.need()
+        if not edge:
+            edge.append(await start_forward_auth_nginx(stack, url, nginx))
+        return await http_load(edge[0] + "/api/hello", bearer)
+
     # interleaved, so that drift in the machine's load hits every row alike
     await run.measure_rounds([
         ("baseline", lambda: http_load(f"http://127.0.0.1:{bare_port}/bench/hello", {})),
         ("public", lambda: via("/pub/hello", {})),
         ("auth", lambda: via("/api/hello", bearer)),
         ("apikey", lambda: via("/keyed/hello", keyed)),
+        ("forward_auth", forward_auth),
     ])
 
     async def redis_rows() -> dict[str, Any]:
@@ -1055,6 +1111,7 @@ ROWS = [
     ("public", "gateway /pub/ (public)"),
     ("auth", "gateway /api/ (Bearer session)"),
     ("apikey", "gateway /keyed/ (X-API-Key)"),
+    ("forward_auth", "nginx + /auth/verify -> nginx"),
     ("auth_2_workers", "gateway /api/, 2 workers"),
 ]
 
@@ -1072,6 +1129,7 @@ def ratios(rows: dict[str, Any]) -> dict[str, float | None]:
         "auth_vs_baseline": ratio(get("auth", "rps"), get("baseline", "rps")),
         "public_vs_baseline": ratio(get("public", "rps"), get("baseline", "rps")),
         "apikey_vs_baseline": ratio(get("apikey", "rps"), get("baseline", "rps")),
+        "forward_auth_vs_auth": ratio(get("forward_auth", "rps"), get("auth", "rps")),
         "p99_auth_vs_p99_baseline": ratio(get("auth", "p99_ms"), get("baseline", "p99_ms")),
         "auth_2_workers_vs_1_worker": ratio(get("auth_2_workers", "rps"), get("auth", "rps")),
         "ws_gateway_vs_direct": ratio(get("ws_gateway", "msgs_per_s"), get("ws_direct", "msgs_per_s")),
@@ -1146,6 +1204,7 @@ def report(rows: dict[str, Any], ratio_table: dict[str, float | None], host: dic
     lines += ["", "ratios"]
     labels = {"auth_vs_baseline": "auth / baseline (req/s)", "public_vs_baseline": "public / baseline (req/s)",
               "apikey_vs_baseline": "API key / baseline (req/s)",
+              "forward_auth_vs_auth": "forward auth / gateway auth (req/s)",
               "p99_auth_vs_p99_baseline": "p99 auth / p99 baseline",
               "auth_2_workers_vs_1_worker": "2 workers / 1 worker (auth req/s)",
               "ws_gateway_vs_direct": "WebSocket gateway / direct (msgs/s)"}

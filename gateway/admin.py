@@ -60,8 +60,9 @@ log = logging.getLogger("gateway.admin")
 
 #: how long a store has to answer a readiness probe
 PROBE_TIMEOUT = 1.0
-#: what the probes read: a session id and a user id nobody has (a miss is an answer)
-PROBE_SESSION_ID = "readiness-probe"
+#: what the probes read: a session id and a user id nobody has (a miss is an answer); the
+#: session id well-formed (it carries a slot tag), or the store would answer without asking Redis
+PROBE_SESSION_ID = "s_000_readiness-probe"
 PROBE_PROFILE_USER = "u_readiness_probe"
 #: the variable naming prometheus_client's multiprocess directory
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

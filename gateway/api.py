@@ -18,7 +18,8 @@ What is here:
 - :class:`Endpoint`, a provider's own HTTP endpoints, and :class:`Command`,
   a plugin's ``gateway <command>`` subcommand (``gateway_commands`` hook);
 - the protocols of what a provider may use from the gateway
-  (:class:`Services`: profiles, shared state, sessions, sealing) and from a
+  (:class:`Services`: profiles, shared state, sessions, sealing, metrics:
+  :class:`Metrics`, :class:`Counter`) and from a
   request (:class:`Request`), and of a provider's own storage
   (:class:`Records`, declared by a :class:`Collection`).
 """
@@ -76,6 +77,7 @@ __all__ = [
     "Endpoint", "LOGIN_ANSWER", "Command", "CommandContext", "add_config_option",
     # what a provider may use
     "Services", "Request", "Profiles", "SharedState", "Sessions", "SessionView", "Sealer", "RouteView",
+    "Metrics", "Counter", "CounterSeries",
     "Collection", "Records", "Below", "utcnow", "client_key", "new_user_id", "identity_key",
     # errors
     "GatewayError", "StoreUnavailable", "Conflict", "invalid_request", "invalid_credentials",
@@ -393,6 +395,49 @@ class Sealer(Protocol):
         ...
 
 
+class CounterSeries(Protocol):
+    """One series of a :class:`Counter`: the counter at some label values."""
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Count ``amount`` (at least 0; ``ValueError`` otherwise)."""
+        ...
+
+
+class Counter(Protocol):
+    """A plugin's Prometheus counter (:meth:`Metrics.counter`)."""
+
+    def labels(self, *values: str | int, **named: str | int) -> CounterSeries:
+        """The series of these label values, all of them, in the declared
+        order or by name (``labels(api="code2session", errcode=0)``); an
+        integer is its decimal text.  A value that is not text or an
+        integer, is longer than 64 characters, or would be its label's 51st
+        distinct value in this process counts as ``"other"``: the series
+        stay bounded whatever the traffic.  ``ValueError`` for missing or
+        unknown labels."""
+        ...
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Count on a counter declared without labels (``ValueError`` on one with labels)."""
+        ...
+
+
+class Metrics(Protocol):
+    """Prometheus metrics of a plugin's own, served with the gateway's on
+    the admin listener's ``/metrics`` and summed over every worker like
+    them."""
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        """The counter ``gateway_<name>_total``: ``name`` is lowercase
+        letters, digits and ``_``, beginning with a letter, and named after
+        the plugin (``"acme_directory_calls"``); ``documentation`` is its
+        HELP text; ``labels`` its label names (lowercase words).  Declared
+        once per process: the same name with the same labels is the same
+        counter (declare it in ``setup()``); with other labels, or a name
+        of the gateway's own, it is a ``ValueError``.  Never put a user id,
+        a token or anything else unbounded or secret in a label."""
+        ...
+
+
 class Services(Protocol):
     """What a provider (``self.gateway``) and a hook's ``gateway`` argument
     may use."""
@@ -405,6 +450,10 @@ class Services(Protocol):
     def sessions(self) -> Sessions: ...
     @property
     def sealer(self) -> Sealer: ...
+    @property
+    def metrics(self) -> Metrics:
+        """The plugins' counters (:class:`Metrics`)."""
+        ...
 
     def auth_path(self, *parts: str) -> str:
         """A route pattern under ``server.auth_prefix`` (parts may be regexes)."""

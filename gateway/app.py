@@ -92,6 +92,8 @@ class Gateway:
         key = config.sessions.encryption_key
         #: seals secrets kept in session data; a per-process key when none is configured
         self.sealer = Sealer(parse_key(key)) if key else Sealer.generate()
+        #: the plugins' own counters (Services.metrics), one registry per process
+        self.metrics: metrics.PluginMetrics = metrics.PLUGIN_METRICS
         built: dict[str, Provider] = {}
         for o in offered:
             try:

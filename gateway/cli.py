@@ -89,23 +89,33 @@ def _build(config: Config) -> tuple[list[str], list[str]]:
     return list(gateway.providers), []
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.demo import DEFAULT_UPSTREAM, SandboxThread, follow_upstream, provider_sandboxes
-    from gateway.server import serve
+def _serve_config(args: argparse.Namespace) -> tuple[Config | None, list[str]]:
+    """``serve``'s configuration: the file with the command line's
+    overrides, and every problem (the providers' and plugins' included once
+    the core tables are sound), as at the start and on each reload."""
+    from gateway.demo import DEFAULT_UPSTREAM, follow_upstream
 
     try:
         config, problems = read_config(args.config)
     except ConfigError as exc:
-        config, problems = None, exc.problems
+        return None, exc.problems
     demo_upstream = args.demo_upstream or (DEFAULT_UPSTREAM if args.demo else None)
-    if config is not None:
-        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None and v != ""}
-        if overrides:
-            config = config.with_server(**overrides)
-        if args.demo and demo_upstream:
-            config = follow_upstream(config, demo_upstream)
-        if not problems:  # providers and plugins are checked once the core tables are sound
-            problems = check(config)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None and v != ""}
+    if overrides:
+        config = config.with_server(**overrides)
+    if args.demo and demo_upstream:
+        config = follow_upstream(config, demo_upstream)
+    if not problems:  # providers and plugins are checked once the core tables are sound
+        problems = check(config)
+    return config, problems
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.demo import DEFAULT_UPSTREAM, SandboxThread, provider_sandboxes
+    from gateway.server import serve
+
+    config, problems = _serve_config(args)
+    demo_upstream = args.demo_upstream or (DEFAULT_UPSTREAM if args.demo else None)
     if problems or config is None:
         for problem in problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -122,7 +132,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("cannot serve the demo's sandbox on %s", exc.strerror)
         return 1
     try:
-        return serve(config, demo_upstream=demo_upstream)
+        # SIGHUP reads the file again (with the same overrides) and applies
+        # [logging] to the supervisor before the new workers are forked.
+        return serve(config, demo_upstream=demo_upstream, reader=lambda: _serve_config(args),
+                     reconfigure=lambda new: configure_logging(new.logging))
     finally:
         sandboxes.stop()
 

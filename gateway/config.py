@@ -71,7 +71,7 @@ __all__ = [
     "PLUGINS", "PROFILES", "ROUTE", "SECTIONS", "SERVER", "SESSIONS", "ADMIN", "AdminConfig", "LOGGING", "LoggingConfig",
     "BUILTIN_PROFILE_FIELDS", "CONSENT", "CONSENT_DOCUMENT", "ConsentConfig", "ConsentDocumentConfig",
     "NAMED_TABLES", "PROFILE_FIELD", "ProfileFieldConfig", "RATE_LIMIT", "RateLimitConfig",
-    "ASSERTION", "ASSERTION_KEY", "AssertionConfig", "AssertionKeyConfig",
+    "ASSERTION", "ASSERTION_KEY", "AssertionConfig", "AssertionKeyConfig", "TRACING", "TracingConfig",
     "describe_options", "load_config", "option", "options_of", "read_config",
     # from gateway.options, for modules that import them from here
     "BOOL", "DURATION", "INT", "MAX_DURATION", "NONNEG_INT", "POSITIVE_DURATION", "SCOPE", "SIZE", "STR",
@@ -121,6 +121,33 @@ def _redis_url(value: Any) -> str:
     except (ValueError, TypeError) as exc:
         raise ValueError(f"not a usable Redis URL ({type(exc).__name__})") from None
     return value
+
+
+def _redis_urls(value: Any) -> str | tuple[str, ...]:
+    """One Redis URL, or (for a cluster's seed nodes) a non-empty array of them."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("expected a Redis URL or a non-empty array of them")
+        for i, item in enumerate(value):
+            try:
+                _redis_url(item)
+            except ValueError as exc:
+                raise ValueError(f"item {i + 1}: {exc}") from None
+        return tuple(value)
+    return _redis_url(value)
+
+
+def _sentinels(value: Any) -> tuple[str, ...]:
+    """Sentinel addresses, each ``host:port``."""
+    from gateway.sessions.connection import parse_address
+
+    out = str_list(value)
+    for item in out:
+        try:
+            parse_address(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not host:port (such as \"10.0.0.7:26379\")") from None
+    return out
 
 
 def _mongodb_url(value: Any) -> str:
@@ -199,10 +226,11 @@ class ServerConfig:
     max_body_size: int = option(SIZE, "10MiB", "default largest request body of a proxied route (413 beyond; 0 = no limit); a route's own max_body_size overrides it")
     auth_max_body_size: int = option(at_least(SIZE, 1), "64KiB", "largest request body of the gateway's own JSON endpoints (413 beyond)")
     trusted_proxies: tuple[Network, ...] = option(_networks, [], "peers (IPs or CIDRs) whose X-Forwarded-For/-Proto/-Host and other client-address headers are believed and passed on")
+    forward_auth: bool = option(BOOL, False, "answer forward auth (`GET {auth_prefix}/verify`, for nginx `auth_request` or Traefik `ForwardAuth`) to the peers in trusted_proxies; off, that endpoint answers 404. Turn it on only when every trusted proxy is one that asks it (a load balancer passing client headers on unchanged would let a client ask too)")
     upstream_max_connections: int = option(at_least(INT, 1), 100, "connections to each upstream (pooled, kept alive); a request waiting longer than its route's connect_timeout for one gets 503")
     idle_connection_timeout: float = option(POSITIVE_DURATION, "60s", "a client connection idle this long between requests is closed")
     body_timeout: float = option(POSITIVE_DURATION, "120s", "longest time a client may take to send a request body")
-    shutdown_timeout: float = option(DURATION, "10s", "on SIGTERM, how long requests in flight may take to finish")
+    shutdown_timeout: float = option(DURATION, "10s", "on SIGTERM, or for a worker a reload (SIGHUP) replaces, how long requests in flight and open WebSockets may take to finish")
     event_loop: str = option(_choice("asyncio", "uvloop"), "asyncio", "the event loop: asyncio, or uvloop (needs the uvloop package)")
 
 
@@ -238,10 +266,14 @@ class SessionsConfig:
     """``[sessions]``: the session store, lifetimes and the cookie."""
 
     store: str = option(_choice("memory", "redis"), "memory", "memory (one process only) or redis")
-    redis_url: str = option(_redis_url, "redis://127.0.0.1:6379/0", "Redis URL (redis://, rediss://, unix://)", secret=True)
+    redis_url: str | tuple[str, ...] = option(_redis_urls, "redis://127.0.0.1:6379/0", "Redis URL (redis://, rediss://, unix://)", secret=True)
+    redis_cluster: bool = option(BOOL, False, "Redis Cluster: redis_url is one seed node's URL or an array of them (the rest is discovered; their username, password and TLS reach every node; database 0 only); the client follows failovers and topology changes on its own")
+    redis_sentinels: tuple[str, ...] = option(_sentinels, [], "Redis Sentinel: the sentinels, each \"host:port\"; the gateway asks them for the primary of redis_sentinel_master and follows failovers. redis_url's scheme (rediss:// for TLS, to the sentinels too), username, password and database then apply to the primary; its host and port are not used")
+    redis_sentinel_master: str = option(_pattern(re.compile(r"^\S+$"), "a master name without spaces"), "mymaster", "the name the sentinels monitor the primary under (`sentinel monitor <name> ...`)")
+    redis_sentinel_password: str = option(STR, "", "password of the sentinels themselves (`requirepass` in sentinel.conf); empty: none", secret=True)
     redis_timeout: float = option(POSITIVE_DURATION, "0.5s", "socket connect/read timeout for Redis; one retry")
-    redis_max_connections: int = option(at_least(INT, 1), 1000, "connections to Redis per process; a request beyond them waits for a free one")
-    redis_pool_timeout: float = option(POSITIVE_DURATION, "1s", "longest wait for a free Redis connection (503 unavailable beyond)")
+    redis_max_connections: int = option(at_least(INT, 1), 1000, "connections to Redis per process (with redis_cluster: per node); a request beyond them waits for a free one (with redis_cluster: 503 unavailable at once)")
+    redis_pool_timeout: float = option(POSITIVE_DURATION, "1s", "longest wait for a free Redis connection (503 unavailable beyond; not with redis_cluster)")
     idle_timeout: float = option(POSITIVE_DURATION, "30m", "a session unused this long ends")
     absolute_timeout: float = option(POSITIVE_DURATION, "7d", "a session ends this long after login, whatever its use")
     touch_interval: float = option(DURATION, "60s", "the idle deadline is pushed forward at most once per interval (shorter than idle_timeout)")
@@ -265,6 +297,7 @@ class SessionsConfig:
         problems: list[str] = []
         if self.store == "memory" and server.workers > 1:
             problems.append("sessions.store: \"memory\" holds sessions in one process; use \"redis\" with server.workers > 1")
+        problems.extend(self._redis_problems())
         if self.touch_interval >= self.idle_timeout:
             problems.append("sessions.touch_interval: must be shorter than sessions.idle_timeout, "
                             "or sessions in use would still go idle")
@@ -281,6 +314,42 @@ class SessionsConfig:
         if cookie_name.startswith("__host-") and self.cookie_domain:
             problems.append("sessions.cookie_name: a __Host- cookie cannot have a Domain; leave sessions.cookie_domain empty "
                             "(browsers refuse it otherwise)")
+        return problems
+
+    @property
+    def redis_urls(self) -> tuple[str, ...]:
+        """``redis_url`` as a tuple (one URL, or a cluster's seed nodes)."""
+        return (self.redis_url,) if isinstance(self.redis_url, str) else self.redis_url
+
+    def _redis_problems(self) -> list[str]:
+        """The Redis mode settings that cannot work together (never quoting a URL)."""
+        from redis.connection import parse_url
+
+        problems: list[str] = []
+        urls = self.redis_urls
+        if self.redis_cluster and self.redis_sentinels:
+            problems.append("sessions.redis_cluster: cannot be combined with sessions.redis_sentinels; "
+                            "choose Redis Cluster or Redis Sentinel")
+        if len(urls) > 1 and not self.redis_cluster:
+            problems.append("sessions.redis_url: an array of URLs (seed nodes) needs sessions.redis_cluster = true; "
+                            "give one URL otherwise")
+        if self.redis_cluster or self.redis_sentinels:
+            mode = "sessions.redis_cluster" if self.redis_cluster else "sessions.redis_sentinels"
+            if any(url.startswith("unix:") for url in urls):
+                problems.append(f"sessions.redis_url: {mode} reaches Redis over TCP; use redis:// or rediss://")
+                return problems
+        if self.redis_cluster:
+            parsed = [parse_url(url) for url in urls]  # type: ignore[no-untyped-call]  # (checked already)
+            if any(int(p.get("db", 0)) != 0 for p in parsed):
+                problems.append("sessions.redis_url: Redis Cluster has database 0 only; "
+                                "remove the database from the URL (or make it /0)")
+
+            def common(p: dict[str, Any]) -> dict[str, Any]:
+                return {k: v for k, v in p.items() if k not in ("host", "port", "db")}
+
+            if any(common(p) != common(parsed[0]) for p in parsed[1:]):
+                problems.append("sessions.redis_url: the seed URLs differ in more than host and port; "
+                                "give them the same scheme, username, password, database and options")
         return problems
 
 
@@ -532,6 +601,33 @@ class LoggingConfig:
         return []
 
 
+#: the modules tracing needs: the otel extra (pip install 'session-gateway[otel]')
+TRACING_MODULES = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+
+def _tracing_enabled(value: Any) -> bool:
+    enabled = BOOL(value)
+    if enabled:
+        import importlib.util
+
+        for module in TRACING_MODULES:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise ValueError(f"needs the otel extra ({module} cannot be imported): "
+                                 f"pip install 'session-gateway[otel]'")
+    return enabled
+
+
+@dataclass(frozen=True, kw_only=True)
+class TracingConfig:
+    """``[tracing]``: OpenTelemetry traces, exported over OTLP/HTTP (the rest from the OTEL_* environment)."""
+
+    enabled: bool = option(_tracing_enabled, False, "send a span of every request (and a child span of its upstream call) to an OpenTelemetry collector over OTLP/HTTP, continuing the client's traceparent; needs the otel extra (pip install 'session-gateway[otel]'); the standard OTEL_* environment variables configure the exporter (OTEL_EXPORTER_OTLP_ENDPOINT...), the sampler (OTEL_TRACES_SAMPLER) and the service name (OTEL_SERVICE_NAME, default session-gateway)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ConsentConfig:
     """``[consent]``: the documents users accept."""
@@ -716,6 +812,7 @@ PROFILES = options_of(ProfilesConfig)
 PLUGINS = options_of(PluginsConfig)
 CONSENT = options_of(ConsentConfig)
 LOGGING = options_of(LoggingConfig)
+TRACING = options_of(TracingConfig)
 ROUTE = options_of(RouteConfig)
 RATE_LIMIT = options_of(RateLimitConfig)
 
@@ -728,6 +825,7 @@ SECTIONS: dict[str, list[Option]] = {
     "admin": ADMIN,
     "assertion": ASSERTION,
     "logging": LOGGING,
+    "tracing": TRACING,
 }
 
 #: the tables of named tables within a section: section -> key -> (their
@@ -758,6 +856,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     assertion: AssertionConfig = field(default_factory=AssertionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     routes: tuple[RouteConfig, ...] = ()
     #: the ``[[rate_limits]]`` tables; ``None`` when the file has none (the default limit on logins applies)
     rate_limits: tuple[RateLimitConfig, ...] | None = None
@@ -870,6 +969,7 @@ def read_config(
     if isinstance(raw_assertion, dict) and "keys" in raw_assertion:  # again, with the environment
         assertion = replace(assertion, keys=_read_keys("assertion.keys", raw_assertion["keys"], problems, env))
     logs = _validated(LoggingConfig, "logging", LOGGING, data.get("logging", {}), problems, env)
+    tracing = _validated(TracingConfig, "tracing", TRACING, data.get("tracing", {}), problems, env)
     for section, named in NAMED_TABLES.items():  # their own problems, each under its key
         raw_section = data.get(section)
         for key, (options, build, name, what) in named.items():
@@ -886,7 +986,7 @@ def read_config(
     problems.extend(profiles.check())
     problems.extend(admin.check(server))
     problems.extend(logs.check())
-    config = Config(server=server, sessions=sessions, profiles=profiles, plugins=plugins, consent=consent, admin=admin, assertion=assertion, logging=logs, routes=routes,
+    config = Config(server=server, sessions=sessions, profiles=profiles, plugins=plugins, consent=consent, admin=admin, assertion=assertion, logging=logs, tracing=tracing, routes=routes,
                     rate_limits=rate_limits, providers=providers, path=path, environ=env)
     return config, problems
 

@@ -121,3 +121,6 @@ def configure(settings: "LoggingConfig") -> None:
     for handler in root.handlers:
         handler.setFormatter(JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT))
     install_redaction(*root.handlers)
+    # pymongo's command log (DEBUG) writes documents verbatim: profiles and
+    # password hashes; it never reaches the gateway's handlers.
+    logging.getLogger("pymongo").setLevel(max(logging.INFO, root.getEffectiveLevel()))

@@ -20,19 +20,27 @@ The choice between that mode and in-memory values is made when
 imported by the supervisor before the directory is set (see
 :func:`gateway.server.serve`).
 
+Plugins count their own events through :class:`PluginMetrics`
+(``Services.metrics``, :class:`gateway.api.Metrics`): counters named
+``gateway_<name>``, declared once per name, in the same registry and the
+same multiprocess files as the core's, each label's distinct values capped
+(:data:`MAX_LABEL_VALUES`; beyond it a value counts as ``"other"``).
+
 This module imports no Tornado.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+import threading
+from typing import Iterable, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
-    "METHODS", "OTHER", "RouteLabels", "error_rendered", "login", "pattern_label", "request_done",
-    "session_event", "upstream_answered", "websocket_closed", "websocket_opened",
+    "MAX_LABEL_VALUES", "METHODS", "OTHER", "PLUGIN_METRICS", "PluginCounter", "PluginMetrics", "RouteLabels",
+    "error_rendered", "login", "pattern_label", "request_done", "session_event", "upstream_answered",
+    "websocket_closed", "websocket_opened",
 ]
 
 #: methods counted by name; any other is "other"
@@ -68,15 +76,28 @@ def _word(value: str | None) -> str:
 # -- requests -------------------------------------------------------------------------
 
 
+#: the series of each (route, method, status) and each route, found once: every label is bounded,
+#: and ``.labels()`` gives the same series each time (it only costs a lock and a look-up)
+_request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+_upstream_series: dict[str, Histogram] = {}
+
+
 def request_done(route: str, method: str | None, status: int, seconds: float) -> None:
     """A response is complete (called by the access log function)."""
-    REQUESTS.labels(route, method if method in METHODS else OTHER, str(status)).inc()
-    REQUEST_DURATION.labels(route).observe(seconds)
+    key = (route, method if method in METHODS else OTHER, status)  # (a method of the client's own is "other")
+    series = _request_series.get(key)
+    if series is None:
+        series = _request_series[key] = (REQUESTS.labels(key[0], key[1], str(status)), REQUEST_DURATION.labels(route))
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 def upstream_answered(route: str, seconds: float) -> None:
     """The upstream's response head arrived ``seconds`` after the request was sent."""
-    UPSTREAM_DURATION.labels(route).observe(seconds)
+    series = _upstream_series.get(route)
+    if series is None:
+        series = _upstream_series[route] = UPSTREAM_DURATION.labels(route)
+    series.observe(seconds)
 
 
 def pattern_label(pattern: str) -> str:
@@ -165,3 +186,130 @@ def websocket_opened(route: str) -> None:
 
 def websocket_closed(route: str) -> None:
     WEBSOCKETS.labels(route).dec()
+
+
+# -- plugins' own counters -----------------------------------------------------------------
+
+#: distinct values a label of a plugin's counter takes in one process; any further value is "other"
+MAX_LABEL_VALUES = 50
+#: the longest label value kept as it is (a longer one is "other")
+MAX_LABEL_VALUE_LENGTH = 64
+_METRIC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_LABEL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+#: label names the exposition format or the gateway keeps for themselves
+_RESERVED_LABELS = frozenset({"le", "quantile"})
+
+
+class PluginCounter:
+    """A plugin's counter (:meth:`PluginMetrics.counter`).  With labels,
+    ``.labels(...)`` gives the series to :meth:`_Series.inc`; without,
+    :meth:`inc` counts on the counter itself."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name = name
+        self.label_names = labels
+        self._counter = Counter(name, documentation, labels)
+        self._seen: list[set[str]] = [set() for _ in labels]
+        self._lock = threading.Lock()
+
+    def labels(self, *values: str | int, **named: str | int) -> "_Series":
+        """The series of these label values, given in order or by name (all
+        of them).  A value is text or an integer; one that is not, is longer
+        than 64 characters, or would be its label's 51st distinct value in
+        this process is counted as ``"other"``."""
+        if not self.label_names:
+            raise ValueError(f"counter {self.name} has no labels: call inc() on it")
+        if values and named:
+            raise ValueError("give the label values in order or by name, not both")
+        if named:
+            if set(named) != set(self.label_names):
+                raise ValueError(f"counter {self.name} takes the labels {', '.join(self.label_names)}")
+            values = tuple(named[n] for n in self.label_names)
+        if len(values) != len(self.label_names):
+            raise ValueError(f"counter {self.name} takes {len(self.label_names)} label value(s): "
+                             + ", ".join(self.label_names))
+        return _Series(self._counter.labels(*(self._bounded(i, v) for i, v in enumerate(values))))
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Count ``amount`` (at least 0) on a counter without labels."""
+        if self.label_names:
+            raise ValueError(f"counter {self.name} has labels ({', '.join(self.label_names)}): "
+                             "call labels(...).inc()")
+        _Series(self._counter).inc(amount)
+
+    def _bounded(self, index: int, value: object) -> str:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            return OTHER
+        text = str(value)
+        if not text or len(text) > MAX_LABEL_VALUE_LENGTH or text == OTHER:
+            return OTHER
+        seen = self._seen[index]
+        if text in seen:
+            return text
+        with self._lock:
+            if len(seen) >= MAX_LABEL_VALUES:
+                return OTHER
+            seen.add(text)
+        return text
+
+
+class _Series:
+    """One series of a plugin's counter."""
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Count ``amount`` (at least 0: a counter never goes down)."""
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not amount >= 0:
+            raise ValueError("a counter is increased by a number of at least 0")
+        self._counter.inc(amount)
+
+
+class PluginMetrics:
+    """The counters plugins declare (:class:`gateway.api.Metrics`), one
+    registry per process: the same name declared again with the same
+    labels is the same counter (every gateway of the process shares it);
+    with other labels it is an error, as is a name of the gateway's own."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, PluginCounter] = {}
+        self._lock = threading.Lock()
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> PluginCounter:
+        """The counter ``gateway_<name>_total`` (``name``: lowercase letters,
+        digits and ``_``, beginning with a letter; a trailing ``_total`` is
+        implied), created on first declaration."""
+        if not isinstance(name, str) or not _METRIC_NAME.match(name):
+            raise ValueError(f"metric name {name!r}: expected lowercase letters, digits and _, "
+                             "beginning with a letter (the gateway adds gateway_)")
+        base = name.removesuffix("_total")
+        if not base or base.startswith("gateway_"):
+            raise ValueError(f"metric name {name!r}: give it without gateway_ (the gateway adds it) or _total")
+        if not isinstance(documentation, str) or not documentation.strip():
+            raise ValueError(f"metric {name}: documentation is required (Prometheus shows it as HELP)")
+        names = tuple(labels)
+        for label in names:
+            if not isinstance(label, str) or not _LABEL_NAME.match(label) or label in _RESERVED_LABELS:
+                raise ValueError(f"metric {name}: label {label!r}: expected lowercase letters, digits and _, "
+                                 "beginning with a letter (not le or quantile)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"metric {name}: a label is named twice")
+        full = "gateway_" + base
+        with self._lock:
+            found = self._counters.get(full)
+            if found is not None:
+                if found.label_names != names:
+                    raise ValueError(f"metric {full} is already declared with the labels "
+                                     f"({', '.join(found.label_names)}), not ({', '.join(names)})")
+                return found
+            try:
+                counter = PluginCounter(full, documentation.strip(), names)
+            except ValueError:  # the registry has that name: one of the gateway's own
+                raise ValueError(f"metric {full} is one of the gateway's own; choose another name") from None
+            self._counters[full] = counter
+            return counter
+
+
+#: the one registry of plugins' counters in this process
+PLUGIN_METRICS = PluginMetrics()

@@ -22,11 +22,12 @@ from typing import Any, Iterable
 import tornado.routing
 import tornado.web
 
-from gateway import audit, metrics
+from gateway import audit, metrics, tracing
 from gateway.app import Gateway
 from gateway.errors import GatewayError
 from gateway.handlers import auth as auth_handlers
 from gateway.handlers.base import BaseHandler
+from gateway.handlers import verify
 from gateway.logs import ACCESS_FIELDS, redact
 from gateway.plugins import build_time_hook
 from gateway.proxy.handler import ProxyHandler
@@ -38,6 +39,7 @@ access_log = logging.getLogger("gateway.access")
 
 def make_app(gateway: Gateway, **settings: Any) -> tornado.web.Application:
     handlers: list[Any] = auth_handlers.routes(gateway) + auth_handlers.provider_routes(gateway)
+    handlers += verify.routes(gateway.auth_path("verify"))  # forward auth, for a proxy in front (nginx, Traefik)
     for _, contributed in build_time_hook(gateway.pm, "gateway_handlers", gateway=gateway):
         handlers.extend(contributed)  # after the gateway's own: a plugin cannot shadow /refresh
     labels = metrics.RouteLabels(_patterns(handlers))
@@ -80,6 +82,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     label = route_label(handler)
     metrics.request_done(label, request.method, status, seconds)
     error = getattr(handler, "rendered_error", None)
+    tracing.request_done(handler, label, status, error)  # its server span ends ([tracing] enabled)
     if isinstance(error, GatewayError) and error.code == "locked_out" and isinstance(handler, BaseHandler):
         provider = getattr(handler, "provider", None)
         audit.record("lockout", request_id=handler.request_id, ip=handler.client_ip, path=request.path,

@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import tornado.httpclient
+from tornado.simple_httpclient import HTTPTimeoutError
 from Crypto.Cipher import AES
 
 from gateway import hookimpl
@@ -45,6 +46,7 @@ from gateway.api import (
     POSITIVE_DURATION,
     ConfigContext,
     Conflict,
+    Counter,
     Endpoint,
     GatewayError,
     LoginResult,
@@ -105,6 +107,10 @@ QUOTA = 45011
 HIGH_RISK = 40226
 BUSY = -1
 TOKEN_INVALID = {40001, 42001}
+
+#: the ``api`` label of ``gateway_wechat_api_calls_total``, by the path called
+API_NAMES = {"/sns/jscode2session": "code2session", "/cgi-bin/stable_token": "stable_token",
+             "/wxa/business/getuserphonenumber": "getuserphonenumber"}
 
 
 def _apps(value: Any) -> dict[str, Any]:
@@ -238,6 +244,7 @@ class WeChatProvider(Provider):
         self.apps = {name: App(name, app.appid, app.secret) for name, app in settings.apps.items()}
         self.login_schema = login_schema(sorted(self.apps))
         self.http: tornado.httpclient.AsyncHTTPClient | None = None
+        self.calls: Counter | None = None
         #: refreshes in flight, by (appid, the token they replace)
         self._refreshing: dict[tuple[str, str | None], asyncio.Task[str]] = {}
 
@@ -247,6 +254,9 @@ class WeChatProvider(Provider):
 
     async def setup(self) -> None:
         self.http = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=100)
+        self.calls = self.gateway.metrics.counter(
+            "wechat_api_calls", "Calls to WeChat's API, by API and the errcode answered "
+            "(0: success; unreachable, timeout, http_<status>, bad_reply: no errcode came)", ("api", "errcode"))
         if self.gateway.sealer.ephemeral:
             self.log.warning("sessions.encryption_key is not set: WeChat session_keys are sealed under a key of this "
                         "process only, so /wechat/decrypt needs a new login after a restart")
@@ -276,18 +286,25 @@ class WeChatProvider(Provider):
                 connect_timeout=timeout, request_timeout=timeout, raise_error=False, follow_redirects=False,
             )
         except Exception as exc:  # DNS failure and the like, before any response
+            self._count(endpoint, "timeout" if isinstance(exc, HTTPTimeoutError) else "unreachable")
             raise self._bad_gateway(endpoint, f"{type(exc).__name__}") from None
         if response.code == 599:
+            self._count(endpoint, "timeout" if isinstance(response.error, HTTPTimeoutError) else "unreachable")
             raise self._bad_gateway(endpoint, f"no answer ({type(response.error).__name__})")
         if response.code != 200:
+            self._count(endpoint, f"http_{response.code}")
             raise self._bad_gateway(endpoint, f"HTTP {response.code}")
         try:  # JSON, whatever the Content-Type says (code2Session sends text/plain)
             reply = json.loads(response.body)
         except (ValueError, RecursionError):
+            self._count(endpoint, "bad_reply")
             raise self._bad_gateway(endpoint, "the reply is not JSON") from None
         if not isinstance(reply, dict):
+            self._count(endpoint, "bad_reply")
             raise self._bad_gateway(endpoint, "the reply is not a JSON object")
         errcode = reply.get("errcode", 0)
+        self._count(endpoint, errcode if isinstance(errcode, int) and not isinstance(errcode, bool)
+                    else 0 if errcode is None else "bad_reply")
         if errcode not in (0, None):
             errmsg = str(reply.get("errmsg", ""))[:200]
             for secret in redact:
@@ -295,6 +312,11 @@ class WeChatProvider(Provider):
                     errmsg = errmsg.replace(secret, "[redacted]")
             raise WeChatError(errcode if isinstance(errcode, int) else -99999, errmsg)
         return reply
+
+    def _count(self, endpoint: str, errcode: int | str) -> None:
+        """One call in ``gateway_wechat_api_calls_total``: its API and what came back."""
+        if self.calls is not None:
+            self.calls.labels(API_NAMES.get(endpoint, "other"), errcode).inc()
 
     @staticmethod
     def _bad_gateway(endpoint: str, why: str) -> GatewayError:

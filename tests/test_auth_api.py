@@ -319,7 +319,7 @@ async def test_refresh_rotates_token_with_grace(start, session_section):
     assert cookie_value(r) == new
     after = await gw.gateway.session_store.get(reg["session"]["id"])
     assert after["absolute_expires_at"] == before["absolute_expires_at"]
-    assert after["token_hash"] == hashlib.sha256(new.encode()).hexdigest()
+    assert after["token_hash"] == new[4:7] + "." + hashlib.sha256(new.encode()).hexdigest()  # gws_<tag>_...
 
     # within the grace period the old token still opens the session...
     assert await whoami(gw, old) == 200
@@ -652,10 +652,13 @@ async def test_redis_holds_token_hashes_never_tokens(start, redis_url):
         assert secret not in everything
         digest = hashlib.sha256(token.encode()).hexdigest()
         assert any(digest in key for key in keys), (digest, keys)
-    # and the record is found by its id
-    record = json.loads(await client.get(f"gw:s:{reg['session']['id']}"))
-    assert record["token_hash"] == hashlib.sha256(tokens[1].encode()).hexdigest()
-    assert record["prev_token_hash"] == hashlib.sha256(tokens[0].encode()).hexdigest()
+    # and the record is found by its id, under the slot tag the id and the tokens carry
+    session_id = reg['session']['id']
+    tag = session_id[2:5]
+    assert all(t.startswith(f"gws_{tag}_") for t in tokens)
+    record = json.loads(await client.get(f"gw:{{{tag}}}:s:{session_id}"))
+    assert record["token_hash"] == f"{tag}." + hashlib.sha256(tokens[1].encode()).hexdigest()
+    assert record["prev_token_hash"] == f"{tag}." + hashlib.sha256(tokens[0].encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def test_the_reference_tables_come_from_the_dataclasses():
     tables = describe_options()
     assert list(tables) == ["[server]", "[sessions]", "[profiles]", "[profiles.fields.<name>]", "[plugins]",
                             "[consent]", "[consent.documents.<name>]", "[admin]", "[assertion]",
-                            "[[assertion.keys]]", "[logging]", "[[routes]]", "[[rate_limits]]"]
+                            "[[assertion.keys]]", "[logging]", "[tracing]", "[[routes]]", "[[rate_limits]]"]
     assert "| `port` | `8080` | port to listen on |" in tables["[server]"]
     assert "| `redis_url` | `\"redis://127.0.0.1:6379/0\"` | Redis URL (redis://, rediss://, unix://) (or `redis_url_env`) |" \
         in tables["[sessions]"]
@@ -744,3 +744,29 @@ def test_disabling_a_plugin_that_is_not_installed_is_a_typo_to_report(tmp_path):
     with pytest.raises(ConfigError) as info:
         Gateway(config)
     assert any("plugins.disabled" in p and "'pasword'" in p for p in info.value.problems)
+
+
+# ---------------------------------------------------------------------------
+# Redis Sentinel and Redis Cluster (more in test_redis_modes.py)
+# ---------------------------------------------------------------------------
+
+
+def test_the_redis_mode_options_are_declared_with_defaults():
+    cfg = load_config(data={}, environ={})
+    assert (cfg.sessions.redis_cluster, cfg.sessions.redis_sentinels, cfg.sessions.redis_sentinel_master,
+            cfg.sessions.redis_sentinel_password) == (False, (), "mymaster", "")
+    table = describe_options()["[sessions]"]
+    for key in ("redis_cluster", "redis_sentinels", "redis_sentinel_master"):
+        assert f"| `{key}` |" in table
+    assert "(or `redis_sentinel_password_env`)" in table
+
+
+@pytest.mark.parametrize("sessions, key", [
+    ({"redis_cluster": True, "redis_sentinels": ["10.0.0.7:26379"]}, "sessions.redis_cluster"),
+    ({"redis_url": ["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"]}, "sessions.redis_url"),
+    ({"redis_cluster": True, "redis_url": "redis://10.0.0.1:7000/1"}, "sessions.redis_url"),
+    ({"redis_sentinels": ["10.0.0.7"]}, "sessions.redis_sentinels"),
+    ({"redis_sentinel_password_env": "GW_UNSET_SENTINEL_PASSWORD"}, "sessions.redis_sentinel_password_env"),
+])
+def test_redis_mode_problems_name_their_key(sessions, key):
+    assert_named(problems_of({"sessions": sessions}, environ={}), key)

@@ -160,7 +160,8 @@ async def test_serve_subprocess_login_through_third_party_plugin_and_proxy(
         # ...a refused ticket, the session kept in Redis, the built-in provider alongside.
         r = await client.request("POST", "/auth/example/login", json_body={"ticket": "emp-1042.forged"})
         assert r.code == 401 and body(r)["error"] == "invalid_credentials"
-        assert f"gw:s:{login['session']['id']}" in redis_server.command("KEYS", "gw:s:*")
+        session_id = login['session']['id']  # s_<tag>_...: its key is under the tag
+        assert f"gw:{{{session_id[2:5]}}}:s:{session_id}" in redis_server.command("KEYS", "gw:{*}:s:*")
         reg = await client.register("bob", "a long enough password")
         assert reg["user"]["id"] != login["user"]["id"]
         r = await client.request("POST", "/auth/logout", token=token)
@@ -216,8 +217,10 @@ async def test_serve_with_two_workers_shares_sessions_and_stops_on_sigterm(tmp_p
 def test_supervisor_gives_up_on_a_crash_loop_with_a_failure_status():
     """Workers that keep dying: restarted a few times, then the supervisor
     stops and exits 1, so a service manager sees the failure."""
-    script = ("import sys\nfrom gateway.server import supervise\n"
-              "supervise(2, burst=2, window=60)\n"
+    script = ("import sys\nfrom gateway.config import load_config\n"
+              "from gateway.server import open_slots, supervise\n"
+              "config = load_config(data={'server': {'workers': 2}, 'sessions': {'store': 'redis'}, 'admin': {'port': 0}})\n"
+              "supervise(config, open_slots('127.0.0.1', 0, 2), burst=2, window=60)\n"
               "sys.exit(3)  # only workers get here\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 1, done.stderr

@@ -391,3 +391,33 @@ def test_the_logging_section_is_checked_naming_its_keys(tmp_path):
     assert any(p.startswith("logging.audit:") and "directory" in p for p in problems), problems
     config, problems = read_config(data={"logging": {"format": "json", "audit": str(tmp_path / "audit.log")}})
     assert not problems and not (tmp_path / "audit.log").exists(), "checking makes nothing"
+
+
+def test_pymongo_command_documents_stay_out_of_a_debug_log():
+    """pymongo logs whole documents (profiles, password hashes) at DEBUG:
+    even with the gateway at DEBUG they reach no handler."""
+    import logging
+
+    from gateway import logs
+    from gateway.config import LoggingConfig
+
+    root = logging.getLogger()
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler, level = Keep(), root.level
+    root.addHandler(handler)
+    try:
+        root.setLevel(logging.DEBUG)
+        logs.configure(LoggingConfig())
+        logging.getLogger("pymongo.command").debug('{"password_hash": "$argon2id$secret"}')
+        logging.getLogger("gateway.sessions").debug("still here")
+        logging.getLogger("pymongo.topology").warning("a warning still shows")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        logging.getLogger("pymongo").setLevel(logging.NOTSET)
+    assert seen == ["still here", "a warning still shows"]

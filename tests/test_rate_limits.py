@@ -17,8 +17,17 @@ from prometheus_client import REGISTRY
 
 from gateway.config import load_config
 from gateway.options import ConfigError
-from gateway.testing import RecordingHandler, RedisServer, Upstream, assert_error, base_config, body, merge_config
-from password_support import GATEWAY_DEFAULTS
+from gateway.testing import (
+    Client,
+    RecordingHandler,
+    RedisServer,
+    Upstream,
+    assert_error,
+    base_config,
+    body,
+    merge_config,
+)
+from password_support import GATEWAY_DEFAULTS, GatewayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = re.compile(r'^"(?P<name>[a-z0-9_]+)";r=(?P<r>\d+);t=(?P<t>\d+)$')
@@ -228,6 +237,37 @@ async def test_two_gateways_on_one_redis_share_the_limit(make_gateway, upstream,
     answers = [await gw.client.request("GET", "/public/x") for gw in (a, b, a, b, a, b)]
     assert [r.code for r in answers] == [200, 200, 200, 200, 429, 429]
     assert [remaining(r)[1] for r in answers[:4]] == [3, 2, 1, 0]
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_two_gateway_processes_on_one_redis_share_the_limit(upstream, tmp_path, redis_url):
+    """Two separate ``gateway serve`` processes with the same [[rate_limits]]
+    entry: the limit counts the requests through both, and once it is over
+    either one answers 429 with Retry-After and the RateLimit headers."""
+    shared = {"sessions": {"store": "redis", "redis_url": redis_url}, "admin": {"port": 0},
+              "rate_limits": [limit("shared", "/public/", 4)]}
+    routes = [{"prefix": "/public/", "upstream": upstream.url, "auth": "public"}]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with GatewayProcess(tmp_path / "a", routes, **shared) as a, \
+            GatewayProcess(tmp_path / "b", routes, **shared) as b:
+        assert a.pid != b.pid
+        clients = [Client(a.url), Client(b.url)]
+        try:
+            answers = [await clients[i % 2].request("GET", f"/public/x{i}") for i in range(6)]
+        finally:
+            for client in clients:
+                client.close()
+    assert [r.code for r in answers] == [200, 200, 200, 200, 429, 429]
+    assert [remaining(r)[1] for r in answers[:4]] == [3, 2, 1, 0]
+    assert len(upstream.seen) == 4  # the refused ones never went upstream
+    for r in answers[4:]:  # one refusal from each process
+        assert_error(r, 429, "rate_limited")
+        answer = body(r)
+        assert answer["limit"] == "shared" and 1 <= answer["retry_after"] <= 60
+        assert r.headers["Retry-After"] == str(answer["retry_after"])
+        assert r.headers["RateLimit-Policy"] == '"shared";q=4;w=60'
+        assert remaining(r) == ("shared", 0, answer["retry_after"])
 
 
 # ---------------------------------------------------------------------------

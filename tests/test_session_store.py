@@ -6,19 +6,27 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import time
 
 import pytest
+from redis.crc import key_slot
 
+from gateway.logs import redact
+from gateway.proxy.policy import SESSION_TOKENS
+from gateway.sessions.base import SLOT_TAGS, all_slot_tags, hash_tag, new_session_id, session_tag, slot_tag
 from gateway.sessions.manager import Session, SessionManager, hash_token
 from gateway.sessions.memory import MemorySessionStore
 from gateway.sessions.redis import RedisSessionStore
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 def store(request, io_loop):
     if request.param == "memory":
         s = MemorySessionStore()
+    elif request.param in ("sentinel", "cluster"):  # Redis Sentinel, Redis Cluster (gateway.testing.redis_modes)
+        s = RedisSessionStore(options=request.getfixturevalue(f"redis_{request.param}_options"))
     else:
         s = RedisSessionStore(request.getfixturevalue("redis_url"))
     io_loop.run_sync(s.open)
@@ -26,32 +34,52 @@ def store(request, io_loop):
     io_loop.run_sync(s.close)
 
 
+def S(name: str, user: str = "u1") -> str:
+    """The id of the test session ``name`` of ``user`` (carrying the user's slot tag)."""
+    return new_session_id(slot_tag(user), name)
+
+
+def T(name: str, user: str = "u1") -> str:
+    """The test token ``name`` of a session of ``user``."""
+    return f"gws_{slot_tag(user)}_{name}"
+
+
+def H(name: str, user: str = "u1") -> str:
+    """The hash of the test token ``name`` of a session of ``user``."""
+    return hash_token(T(name, user))
+
+
+def redis_key(kind: str, name: str, user: str = "u1") -> str:
+    """The Redis key of kind ``kind`` (``s``, ``t``, ``r``, ``e``, ``u``) and ``name`` of ``user``."""
+    return f"gw:{{{slot_tag(user)}}}:{kind}:{name}"
+
+
 def record(sid: str, user: str = "u1", token: str | None = None, created: float | None = None) -> dict:
     now = created or time.time()
-    return Session(id=sid, user_id=user, provider="password", created_at=now, last_seen_at=now,
+    return Session(id=S(sid, user), user_id=user, provider="password", created_at=now, last_seen_at=now,
                    expires_at=now + 60, absolute_expires_at=now + 600,
-                   token_hash=hash_token(token or f"tok-{sid}")).to_record()
+                   token_hash=H(token or f"tok-{sid}", user)).to_record()
 
 
 @pytest.mark.gen_test
 async def test_create_lookup_get_delete(store):
     await store.create(record("s1"), 60, 0)
-    assert (await store.lookup(hash_token("tok-s1")))["id"] == "s1"
-    assert (await store.get("s1"))["user_id"] == "u1"
-    assert await store.lookup(hash_token("other")) is None
-    gone = await store.delete("s1")
-    assert gone["id"] == "s1"
-    assert await store.lookup(hash_token("tok-s1")) is None
-    assert await store.get("s1") is None
-    assert await store.delete("s1") is None
+    assert (await store.lookup(H("tok-s1")))["id"] == S("s1")
+    assert (await store.get(S("s1")))["user_id"] == "u1"
+    assert await store.lookup(H("other")) is None
+    gone = await store.delete(S("s1"))
+    assert gone["id"] == S("s1")
+    assert await store.lookup(H("tok-s1")) is None
+    assert await store.get(S("s1")) is None
+    assert await store.delete(S("s1")) is None
 
 
 @pytest.mark.gen_test
 async def test_ttl_makes_sessions_vanish(store):
     await store.create(record("s1"), 0.3, 0)
     await asyncio.sleep(0.5)
-    assert await store.lookup(hash_token("tok-s1")) is None
-    assert await store.get("s1") is None
+    assert await store.lookup(H("tok-s1")) is None
+    assert await store.get(S("s1")) is None
     assert await store.list_user("u1") == []
 
 
@@ -62,11 +90,11 @@ async def test_save_extends_but_never_resurrects(store):
     rec["last_seen_at"] = 123.0
     assert await store.save(rec, 60) is True
     await asyncio.sleep(0.5)
-    assert (await store.get("s1"))["last_seen_at"] == 123.0
-    assert await store.lookup(hash_token("tok-s1")) is not None  # the token's TTL moved too
-    await store.delete("s1")
+    assert (await store.get(S("s1")))["last_seen_at"] == 123.0
+    assert await store.lookup(H("tok-s1")) is not None  # the token's TTL moved too
+    await store.delete(S("s1"))
     assert await store.save(rec, 60) is False
-    assert await store.get("s1") is None
+    assert await store.get(S("s1")) is None
 
 
 @pytest.mark.gen_test
@@ -74,13 +102,13 @@ async def test_rotate_keeps_old_token_for_grace_only(store):
     rec = record("s1")
     await store.create(rec, 60, 0)
     rec["prev_token_hash"] = rec["token_hash"]
-    rec["token_hash"] = hash_token("new")
+    rec["token_hash"] = H("new")
     assert await store.rotate(rec, 60, 0.3) is True
-    assert (await store.lookup(hash_token("new")))["id"] == "s1"
-    assert (await store.lookup(hash_token("tok-s1")))["id"] == "s1"
+    assert (await store.lookup(H("new")))["id"] == S("s1")
+    assert (await store.lookup(H("tok-s1")))["id"] == S("s1")
     await asyncio.sleep(0.5)
-    assert await store.lookup(hash_token("tok-s1")) is None
-    assert (await store.lookup(hash_token("new")))["id"] == "s1"
+    assert await store.lookup(H("tok-s1")) is None
+    assert (await store.lookup(H("new")))["id"] == S("s1")
 
 
 @pytest.mark.gen_test
@@ -89,10 +117,10 @@ async def test_list_user_oldest_first_and_per_user(store):
     for i, sid in enumerate(["a", "b", "c"]):
         await store.create(record(sid, created=base + i), 60, 0)
     await store.create(record("x", user="u2"), 60, 0)
-    assert [r["id"] for r in await store.list_user("u1")] == ["a", "b", "c"]
-    assert [r["id"] for r in await store.list_user("u2")] == ["x"]
-    await store.delete("b")
-    assert [r["id"] for r in await store.list_user("u1")] == ["a", "c"]
+    assert [r["id"] for r in await store.list_user("u1")] == [S("a"), S("b"), S("c")]
+    assert [r["id"] for r in await store.list_user("u2")] == [S("x", "u2")]
+    await store.delete(S("b"))
+    assert [r["id"] for r in await store.list_user("u1")] == [S("a"), S("c")]
 
 
 @pytest.mark.gen_test
@@ -100,9 +128,9 @@ async def test_max_per_user_evicts_oldest(store):
     base = time.time()
     for i in range(3):
         evicted = await store.create(record(f"s{i}", created=base + i), 60, 2)
-    assert [r["id"] for r in evicted] == ["s0"]
-    assert await store.lookup(hash_token("tok-s0")) is None
-    assert [r["id"] for r in await store.list_user("u1")] == ["s1", "s2"]
+    assert [r["id"] for r in evicted] == [S("s0")]
+    assert await store.lookup(H("tok-s0")) is None
+    assert [r["id"] for r in await store.list_user("u1")] == [S("s1"), S("s2")]
 
 
 @pytest.mark.gen_test
@@ -126,7 +154,7 @@ async def test_store_ttl_is_min_of_idle_and_absolute(redis_url, redis_server):
     try:
         mgr = SessionManager(store, idle_timeout=100, absolute_timeout=20, touch_interval=0, rotation_grace=5)
         token, session = await mgr.create("u1", "password")
-        pttl = int(redis_server.command("PTTL", f"gw:s:{session.id}").strip().lstrip(":"))
+        pttl = int(redis_server.command("PTTL", redis_key("s", session.id)).strip().lstrip(":"))
         assert 15_000 < pttl <= 20_000
         raw_keys = redis_server.command("KEYS", "*")
         assert token not in raw_keys and hash_token(token) in raw_keys
@@ -141,9 +169,9 @@ async def test_memory_store_sweeps_what_expired():
     await store.create(record("live"), 60, 0)
     await asyncio.sleep(0.1)
     store.sweep()
-    assert set(store._sessions) == {"live"}
-    assert list(store._tokens) == [hash_token("tok-live")]
-    assert list(store._users["u1"]) == ["live"]
+    assert set(store._sessions) == {S("live")}
+    assert list(store._tokens) == [H("tok-live")]
+    assert list(store._users["u1"]) == [S("live")]
 
 
 @pytest.mark.gen_test
@@ -163,7 +191,7 @@ async def test_redis_store_over_a_unix_socket(tmp_path):
         store = RedisSessionStore(f"unix://{sock}?db=0")
         await store.open()
         await store.create(record("s1"), 60, 0)
-        assert (await store.lookup(hash_token("tok-s1")))["id"] == "s1"
+        assert (await store.lookup(H("tok-s1")))["id"] == S("s1")
         await store.close()
     finally:
         proc.terminate()
@@ -176,11 +204,11 @@ async def test_save_is_compare_and_set_on_the_current_token(store):
     rec = record("s1")
     await store.create(rec, 60, 0)
     stale = dict(rec, last_seen_at=rec["last_seen_at"] + 5)      # what a concurrent request read
-    rotated = dict(rec, prev_token_hash=rec["token_hash"], token_hash=hash_token("new"))
+    rotated = dict(rec, prev_token_hash=rec["token_hash"], token_hash=H("new"))
     assert await store.rotate(rotated, 60, 5) is True
     assert await store.save(stale, 60) is False                      # the touch loses
-    assert (await store.get("s1"))["token_hash"] == hash_token("new")
-    assert await store.rotate(dict(rotated, token_hash=hash_token("newer")), 60, 5) is False  # a second refresh too
+    assert (await store.get(S("s1")))["token_hash"] == H("new")
+    assert await store.rotate(dict(rotated, token_hash=H("newer")), 60, 5) is False  # a second refresh too
 
 
 @pytest.mark.gen_test
@@ -201,7 +229,7 @@ async def test_manager_touch_racing_a_refresh_keeps_the_new_token(store):
 
 def rotated(rec: dict, new_token: str, keep: int = 16) -> dict:
     """``rec`` after /refresh replaced its token with ``new_token``."""
-    return dict(rec, prev_token_hash=rec["token_hash"], token_hash=hash_token(new_token),
+    return dict(rec, prev_token_hash=rec["token_hash"], token_hash=H(new_token, rec["user_id"]),
                 superseded_hashes=(list(rec.get("superseded_hashes") or []) + [rec["token_hash"]])[-keep:])
 
 
@@ -209,15 +237,15 @@ def rotated(rec: dict, new_token: str, keep: int = 16) -> dict:
 async def test_superseded_tokens_outlive_their_grace(store):
     rec = record("s1")
     await store.create(rec, 60, 0)
-    assert await store.lookup_superseded(hash_token("tok-s1")) is None  # still the current token
+    assert await store.lookup_superseded(H("tok-s1")) is None  # still the current token
     rec = rotated(rec, "new")
     assert await store.rotate(rec, 60, 0.2) is True
-    assert (await store.lookup_superseded(hash_token("tok-s1")))["id"] == "s1"
+    assert (await store.lookup_superseded(H("tok-s1")))["id"] == S("s1")
     await asyncio.sleep(0.3)
-    assert await store.lookup(hash_token("tok-s1")) is None               # no longer opens the session...
-    assert (await store.lookup_superseded(hash_token("tok-s1")))["id"] == "s1"  # ...but is remembered
-    assert await store.lookup_superseded(hash_token("new")) is None
-    assert await store.lookup_superseded(hash_token("never-issued")) is None
+    assert await store.lookup(H("tok-s1")) is None               # no longer opens the session...
+    assert (await store.lookup_superseded(H("tok-s1")))["id"] == S("s1")  # ...but is remembered
+    assert await store.lookup_superseded(H("new")) is None
+    assert await store.lookup_superseded(H("never-issued")) is None
 
 
 @pytest.mark.gen_test
@@ -228,7 +256,7 @@ async def test_a_touch_keeps_superseded_tokens_as_long_as_the_session(store):
     assert await store.rotate(rec, 0.4, 0.1) is True
     assert await store.save(rec, 60) is True
     await asyncio.sleep(0.5)
-    assert (await store.lookup_superseded(hash_token("tok-s1")))["id"] == "s1"
+    assert (await store.lookup_superseded(H("tok-s1")))["id"] == S("s1")
 
 
 @pytest.mark.gen_test
@@ -237,13 +265,13 @@ async def test_superseded_tokens_vanish_with_their_session(store):
     await store.create(rec, 0.3, 0)
     assert await store.rotate(rotated(rec, "new"), 0.3, 0.1) is True
     await asyncio.sleep(0.4)
-    assert await store.lookup_superseded(hash_token("tok-s1")) is None
+    assert await store.lookup_superseded(H("tok-s1")) is None
 
     rec = record("s2")
     await store.create(rec, 60, 0)
     assert await store.rotate(rotated(rec, "new2"), 60, 5) is True
-    await store.delete("s2")
-    assert await store.lookup_superseded(hash_token("tok-s2")) is None
+    await store.delete(S("s2"))
+    assert await store.lookup_superseded(H("tok-s2")) is None
 
 
 @pytest.mark.gen_test
@@ -254,11 +282,11 @@ async def test_superseded_tokens_the_record_drops_are_forgotten(store):
         rec = rotated(rec, f"t{i}", keep=2)
         assert await store.rotate(rec, 60, 5) is True
     # kept: the last two replaced tokens (t1, t2); t3 is current
-    assert rec["superseded_hashes"] == [hash_token("t1"), hash_token("t2")]
+    assert rec["superseded_hashes"] == [H("t1"), H("t2")]
     for gone in ("tok-s1", "t0"):
-        assert await store.lookup_superseded(hash_token(gone)) is None
+        assert await store.lookup_superseded(H(gone)) is None
     for kept in ("t1", "t2"):
-        assert (await store.lookup_superseded(hash_token(kept)))["id"] == "s1"
+        assert (await store.lookup_superseded(H(kept)))["id"] == S("s1")
 
 
 @pytest.mark.gen_test
@@ -268,8 +296,8 @@ async def test_evicted_sessions_forget_their_superseded_tokens(store):
     await store.create(first, 60, 1)
     assert await store.rotate(rotated(first, "s0-new"), 60, 5) is True
     await store.create(record("s1", created=base + 1), 60, 1)   # evicts s0
-    assert await store.get("s0") is None
-    assert await store.lookup_superseded(hash_token("tok-s0")) is None
+    assert await store.get(S("s0")) is None
+    assert await store.lookup_superseded(H("tok-s0")) is None
 
 
 @pytest.mark.gen_test
@@ -280,7 +308,7 @@ async def test_redis_keeps_no_superseded_key_beyond_its_session(redis_url, redis
         mgr = SessionManager(store, idle_timeout=100, absolute_timeout=20, touch_interval=0, rotation_grace=1)
         token, session = await mgr.create("u1", "password")
         await mgr.refresh(session)
-        key = f"gw:r:{hash_token(token)}"
+        key = redis_key("r", hash_token(token))
         pttl = int(redis_server.command("PTTL", key).strip().lstrip(":"))
         assert 15_000 < pttl <= 20_000                                  # the session's TTL, not the grace
         assert token not in redis_server.command("KEYS", "*")
@@ -335,20 +363,23 @@ async def test_memory_store_sweeps_superseded_tokens_too():
     await store.rotate(rotated(live, "live-new"), 60, 5)
     await asyncio.sleep(0.1)
     store.sweep()
-    assert list(store._superseded) == [hash_token("tok-live")]
+    assert list(store._superseded) == [H("tok-live")]
 
 
 # -- markers: how a token's session ended, without anything that opens it --
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 def store_with(request, io_loop):
     """``await store_with(retention)`` -> an opened store of each kind."""
     made = []
     url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    options = request.getfixturevalue(f"redis_{request.param}_options") if request.param in ("sentinel", "cluster") \
+        else None
 
     async def make(retention: float):
-        s = MemorySessionStore(retention=retention) if not url else RedisSessionStore(url, retention=retention)
+        s = MemorySessionStore(retention=retention) if not (url or options) else \
+            RedisSessionStore(url, retention=retention, options=options)
         await s.open()
         made.append(s)
         return s
@@ -361,11 +392,11 @@ def store_with(request, io_loop):
 @pytest.mark.gen_test
 async def test_a_token_is_marked_expired_from_the_start_and_stays_known_past_its_session(store):
     await store.create(record("s1"), 0.3, 0)
-    assert await store.ended(hash_token("tok-s1")) == "expired"   # written now, spoken only once it is dead
-    assert await store.ended(hash_token("never-issued")) is None
+    assert await store.ended(H("tok-s1")) == "expired"   # written now, spoken only once it is dead
+    assert await store.ended(H("never-issued")) is None
     await asyncio.sleep(0.5)
-    assert await store.lookup(hash_token("tok-s1")) is None
-    assert await store.ended(hash_token("tok-s1")) == "expired"    # nobody wrote at expiry time
+    assert await store.lookup(H("tok-s1")) is None
+    assert await store.ended(H("tok-s1")) == "expired"    # nobody wrote at expiry time
 
 
 @pytest.mark.gen_test
@@ -375,8 +406,8 @@ async def test_a_touch_keeps_the_expired_marker_as_long_as_the_session(store_wit
     await store.create(rec, 0.3, 0)
     assert await store.save(rec, 2) is True
     await asyncio.sleep(0.8)                      # past the first TTL plus the retention
-    assert (await store.lookup(hash_token("tok-s1")))["id"] == "s1"
-    assert await store.ended(hash_token("tok-s1")) == "expired"
+    assert (await store.lookup(H("tok-s1")))["id"] == S("s1")
+    assert await store.ended(H("tok-s1")) == "expired"
 
 
 @pytest.mark.gen_test
@@ -385,16 +416,16 @@ async def test_rotation_marks_the_old_token_superseded_and_deletion_marks_every_
     await store.create(rec, 60, 0)
     rec = rotated(rec, "new")
     assert await store.rotate(rec, 60, 0.1) is True
-    assert await store.ended(hash_token("tok-s1")) == "superseded"
-    assert await store.ended(hash_token("new")) == "expired"
+    assert await store.ended(H("tok-s1")) == "superseded"
+    assert await store.ended(H("new")) == "expired"
     rec = rotated(rec, "newer")
     assert await store.rotate(rec, 60, 0.1) is True
     assert await store.save(rec, 60) is True      # a touch renews the markers, changing none
-    assert [await store.ended(hash_token(t)) for t in ("tok-s1", "new", "newer")] == \
+    assert [await store.ended(H(t)) for t in ("tok-s1", "new", "newer")] == \
         ["superseded", "superseded", "expired"]
-    await store.delete("s1")
+    await store.delete(S("s1"))
     for t in ("tok-s1", "new", "newer"):
-        assert await store.ended(hash_token(t)) == "revoked", t
+        assert await store.ended(H(t)) == "revoked", t
 
 
 @pytest.mark.gen_test
@@ -402,26 +433,26 @@ async def test_evicted_sessions_are_marked_revoked(store):
     base = time.time()
     await store.create(record("s0", created=base), 60, 1)
     await store.create(record("s1", created=base + 1), 60, 1)
-    assert await store.ended(hash_token("tok-s0")) == "revoked"
-    assert await store.ended(hash_token("tok-s1")) == "expired"
+    assert await store.ended(H("tok-s0")) == "revoked"
+    assert await store.ended(H("tok-s1")) == "expired"
 
 
 @pytest.mark.gen_test
 async def test_markers_last_the_retention_and_none_are_kept_without_one(store_with):
     short = await store_with(0.3)
     await short.create(record("s1"), 60, 0)
-    await short.delete("s1")
-    assert await short.ended(hash_token("tok-s1")) == "revoked"
+    await short.delete(S("s1"))
+    assert await short.ended(H("tok-s1")) == "revoked"
     await asyncio.sleep(0.5)
-    assert await short.ended(hash_token("tok-s1")) is None
+    assert await short.ended(H("tok-s1")) is None
 
     none = await store_with(0)
     rec = record("s2")
     await none.create(rec, 60, 0)
     assert await none.rotate(rotated(rec, "s2-new"), 60, 5) is True
-    assert await none.ended(hash_token("tok-s2")) is None
-    await none.delete("s2")
-    assert await none.ended(hash_token("s2-new")) is None
+    assert await none.ended(H("tok-s2")) is None
+    await none.delete(S("s2"))
+    assert await none.ended(H("s2-new")) is None
 
 
 @pytest.mark.gen_test
@@ -431,7 +462,7 @@ async def test_a_redis_marker_holds_a_reason_only(redis_url, redis_server):
     try:
         mgr = SessionManager(store, idle_timeout=20, absolute_timeout=600, touch_interval=0, rotation_grace=1)
         token, session = await mgr.create("u1", "password")
-        key = f"gw:e:{hash_token(token)}"
+        key = redis_key("e", hash_token(token))
         assert redis_server.command("GET", key).endswith("expired\r\n")
         pttl = int(redis_server.command("PTTL", key).strip().lstrip(":"))
         assert 115_000 < pttl <= 120_000                               # the session's TTL plus the retention
@@ -479,3 +510,189 @@ async def test_manager_remembered_sessions_keep_their_own_timeouts(store):
     assert again.remembered and again.expires_at - again.last_seen_at == pytest.approx(3600)
     assert again.absolute_expires_at == kept.absolute_expires_at
     assert (await store.get(kept.id))["remembered"] is True
+
+
+# -- the key layout: everything of one user under one hash tag (Redis Cluster ready) --
+
+
+def tagged_users(tag: str, n: int) -> list[str]:
+    """``n`` user ids whose slot tag is ``tag``."""
+    found: list[str] = []
+    i = 0
+    while len(found) < n:
+        if slot_tag(f"user-{i}") == tag:
+            found.append(f"user-{i}")
+        i += 1
+    return found
+
+
+def test_slot_tags_are_three_hex_digits_spread_over_1024_buckets():
+    tags = {slot_tag(f"user-{i}") for i in range(20_000)}
+    assert all(re.fullmatch(r"[0-3][0-9a-f]{2}", t) for t in tags)
+    assert len(tags) == SLOT_TAGS == len(all_slot_tags()) == len(set(all_slot_tags()))
+    assert slot_tag("alice") == slot_tag("alice")
+    assert slot_tag("\udcff-not-utf-8") in all_slot_tags()
+
+
+@pytest.mark.gen_test
+async def test_tokens_and_session_ids_carry_the_users_slot_tag(store):
+    mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0, rotation_grace=5)
+    token, session = await mgr.create("alice", "password")
+    tag = slot_tag("alice")
+    assert re.fullmatch(rf"gws_{tag}_[A-Za-z0-9_\-]{{43}}", token)
+    assert re.fullmatch(rf"s_{tag}_[A-Za-z0-9_\-]{{16}}", session.id) and session_tag(session.id) == tag
+    assert session.token_hash == hash_token(token) == f"{tag}." + hashlib.sha256(token.encode()).hexdigest()
+    assert hash_tag(session.token_hash) == tag
+    new, session = await mgr.refresh(session)
+    assert new.startswith(f"gws_{tag}_") and hash_tag(session.token_hash) == tag
+    # the shapes the rest of the gateway relies on: a credential, a session id in a URL path
+    assert SESSION_TOKENS.within(f"/x?t={new}") and re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", session.id)
+    assert redact(f"Authorization: Bearer {new}.") == "Authorization: Bearer gws_[redacted]."
+
+
+GARBAGE = ["", "s1", "s_", "s_zzz_abc", "s_400_abc", "s_3FF_abc", "s_000", "s_000_", "s_000_a/b", "s_000_{x}",
+           "{000}", "gw:{000}:s:x", "s_000_" + "a" * 65, "s_000_é", "\udcff", "x" * 600,
+           hashlib.sha256(b"x").hexdigest(), "000." + "a" * 63, "000." + "A" * 64, "400." + "a" * 64,
+           "000." + "a" * 64 + "}", "{000}." + "a" * 64]
+
+
+@pytest.mark.gen_test
+async def test_malformed_session_ids_and_token_hashes_find_nothing(store):
+    await store.create(record("s1"), 60, 0)
+    for value in GARBAGE:
+        assert await store.get(value) is None, value
+        assert await store.delete(value) is None, value
+        assert await store.lookup(value) is None, value
+        assert await store.lookup_superseded(value) is None, value
+        assert await store.ended(value) is None, value
+    assert await store.get(S("s1")) is not None
+
+
+@pytest.mark.gen_test
+async def test_a_token_without_a_tag_opens_nothing_and_is_invalid(store):
+    mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0, rotation_grace=5)
+    token, session = await mgr.create("alice", "password")
+    untagged = "gws_" + token[len("gws_xxx_"):]  # the shape of a token from before tags
+    forged = token[:4] + ("000" if token[4:7] != "000" else "001") + token[7:]  # another tag
+    for other in (untagged, forged, "gws_" + "A" * 43, "gws_3ff_"):
+        assert await mgr.authenticate(other) is None, other
+        assert await mgr.ended_reason(other) == "invalid", other
+        assert await mgr.find_reused(other, presented_at=time.time()) is None, other
+    assert (await mgr.authenticate(token)).id == session.id
+
+
+@pytest.mark.gen_test
+async def test_redis_puts_every_key_of_a_user_in_one_hash_slot(redis_url):
+    store = RedisSessionStore(redis_url, retention=100)
+    await store.open()
+    try:
+        mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0, rotation_grace=5,
+                             max_per_user=2)
+        users = ["alice", "bob", "用户-3", "{braces}", "a:b"]
+        for user in users:
+            await mgr.create(user, "password")
+            token, session = await mgr.create(user, "password")
+            await mgr.authenticate(token)                       # a touch
+            token, session = await mgr.refresh(session)         # a rotation: t:, r:, e: of the old token
+            _, ended = await mgr.create(user, "password")       # evicts the first (max_per_user)
+            await mgr.revoke(ended.id, "logout")                 # a deletion leaves revoked markers
+            assert [s.id for s in await mgr.list_user(user)] == [session.id]
+        keys = await store.client.keys("*")
+        for user in users:
+            tag = slot_tag(user)
+            mine = sorted(k for k in keys if k.startswith(f"gw:{{{tag}}}:"))
+            kinds = {k.split(":", 2)[2].split(":", 1)[0] for k in mine}
+            assert kinds == {"s", "t", "r", "e", "u", "o"}, mine
+            assert f"gw:{{{tag}}}:u:{user}" in mine and f"gw:{{{tag}}}:o" in mine
+            assert {key_slot(k.encode()) for k in mine} == {key_slot(f"gw:{{{tag}}}:o".encode())}
+            for session in await mgr.list_user(user):
+                assert f"gw:{{{tag}}}:s:{session.id}" in mine
+                assert f"gw:{{{tag}}}:t:{session.token_hash}" in mine
+                assert f"gw:{{{tag}}}:e:{session.token_hash}" in mine
+        # nothing outside the tagged layout
+        assert all(re.match(r"gw:\{[0-3][0-9a-f]{2}\}:[strueo]", k) for k in keys), keys
+    finally:
+        await store.close()
+
+
+@pytest.mark.gen_test
+async def test_redis_store_uses_scripts_and_no_transaction(redis_url, redis_server):
+    """What Redis saw (INFO commandstats): scripts and plain one-key commands, never MULTI."""
+    store = RedisSessionStore(redis_url)
+    await store.open()
+    try:
+        mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=0, rotation_grace=5)
+        token, session = await mgr.create("alice", "password")
+        redis_server.command("CONFIG", "RESETSTAT")
+        assert (await mgr.authenticate(token)).id == session.id   # lookup + touch
+        stats = redis_server.command("INFO", "commandstats")
+        assert re.findall(r"cmdstat_evalsha:calls=(\d+)", stats) == ["2"], stats   # two scripts, one slot each
+        token, session = await mgr.refresh(session)
+        await mgr.list_user("alice")
+        await store.online(0, 10)
+        await mgr.revoke(session.id, "logout")
+        await mgr.ended_reason(token)
+        stats = redis_server.command("INFO", "commandstats")
+        assert "cmdstat_multi" not in stats and "cmdstat_exec" not in stats, stats
+    finally:
+        await store.close()
+
+
+def test_the_redis_prefix_may_not_hold_braces():
+    for prefix in ("gw{", "gw}:", "{gw}:"):
+        with pytest.raises(ValueError, match="prefix"):
+            RedisSessionStore("redis://127.0.0.1:6379/0", prefix=prefix)
+    assert RedisSessionStore("redis://127.0.0.1:6379/0", prefix="app1:").prefix == "app1:"
+
+
+@pytest.mark.gen_test
+async def test_redis_refuses_a_record_whose_id_or_tokens_lack_its_users_tag(redis_url):
+    store = RedisSessionStore(redis_url)
+    await store.open()
+    try:
+        other = next(u for u in (f"x{i}" for i in range(100)) if slot_tag(u) != slot_tag("u1"))
+        for bad in (dict(record("s1"), id="s1"), dict(record("s1"), token_hash=hash_token("tok")),
+                    dict(record("s1"), token_hash=H("tok", other)), dict(record("s1", user=other), user_id="u1")):
+            with pytest.raises(ValueError, match="slot tag"):
+                await store.create(bad, 60, 0)
+        rec = record("s1")
+        await store.create(rec, 60, 0)
+        with pytest.raises(ValueError, match="slot tag"):
+            await store.rotate(dict(rotated(rec, "new"), token_hash=H("new", other)), 60, 5)
+        assert (await store.get(S("s1")))["token_hash"] == rec["token_hash"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_online_pages_in_order_across_shards(store):
+    """Users of one crowded shard and of many, many of them seen at the same
+    time: every page continues exactly where the cursor left off."""
+    base = time.time() - 1000
+    crowded = tagged_users("000", 30)           # one shard holding many users
+    spread = [f"user-{i}" for i in range(200_000, 200_090)]
+    users = crowded + spread
+    seen: dict[str, float] = {}
+    for i, user in enumerate(users):
+        at = base + (i % 25) * 0.25                 # many users share a last-seen time
+        await store.create(record(f"s{i}", user=user, created=at), 60, 0)
+        seen[user] = at
+    stale = tagged_users("000", 31)[-1]
+    await store.create(record("stale", user=stale, created=base - 500), 60, 0)   # seen before `since`
+    expected = sorted((at, user) for user, at in seen.items())
+    assert await store.online(base - 1, 0) == []
+    assert await store.online(base - 1, 1000) == [(u, at) for at, u in expected]
+    for limit in (9, 50, 120):
+        got, after = [], None
+        while True:
+            page = await store.online(base - 1, limit, after)
+            assert len(page) <= limit
+            if not page:
+                break
+            got += page
+            after = (page[-1][1], page[-1][0])
+        assert got == [(u, at) for at, u in expected], limit
+    for i in (0, 29, 30, 61, 100):
+        assert await store.online(base - 1, 1, expected[i]) == [(expected[i + 1][1], expected[i + 1][0])]
+    assert await store.online(base - 1, 1, expected[-1]) == []
+    assert await store.online(base + 5, 1000) == [(u, at) for at, u in expected if at >= base + 5]

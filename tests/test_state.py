@@ -7,6 +7,7 @@ stores on one Redis stand for two processes.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,14 +26,16 @@ from gateway.state.memory import MemorySharedState
 from gateway.state.redis import RedisSharedState
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 def state(request: pytest.FixtureRequest, io_loop: Any) -> Iterator[SharedState]:
     store: RedisSessionStore | None = None
     s: SharedState
     if request.param == "memory":
         s = MemorySharedState()
     else:
-        store = RedisSessionStore(request.getfixturevalue("redis_url"))
+        # Redis Sentinel and Redis Cluster: gateway.testing.redis_modes
+        options = request.getfixturevalue(f"redis_{request.param}_options") if request.param != "redis" else None
+        store = RedisSessionStore(request.getfixturevalue("redis_url") if options is None else "", options=options)
         io_loop.run_sync(store.open)
         s = RedisSharedState(store)
     io_loop.run_sync(s.open)
@@ -239,6 +242,36 @@ async def test_redis_keys_are_those_the_session_store_used(redis_url: str, redis
         assert int(redis_server.command("PTTL", "gw:c:old").strip().lstrip(":")) > 15_000  # its window stays
         assert await state.get_value("old") == "cached"
         assert await state.delete_value("old", expected="cached") is True
+    finally:
+        await closed(store, state)
+
+
+@pytest.mark.gen_test
+async def test_redis_state_keys_are_one_key_per_call_apart_from_the_sessions(
+        redis_url: str, redis_server: RedisServer) -> None:
+    """Every operation is one command or one script on one key (what Redis
+    saw: INFO commandstats), never a transaction, so that it runs alike on a
+    Redis Cluster; and no state key is ever a session key (those carry a hash tag)."""
+    store, state = await opened(redis_url)
+    try:
+        redis_server.command("CONFIG", "RESETSTAT")
+        await state.hit("k", 20)
+        assert (await state.peek("k"))[0] == 1
+        assert 15 < (await state.peek("k"))[1] <= 20
+        assert await state.peek("none") == (0, 0.0)
+        await state.take("k", 4, 20)
+        await state.set_value("k", "v", 20)
+        assert await state.add_value("lock", "me", 20) is True
+        assert await state.delete_value("lock", expected="me") is True
+        await state.clear("k")
+        stats = redis_server.command("INFO", "commandstats")
+        assert "cmdstat_multi" not in stats and "cmdstat_exec" not in stats, stats
+        calls = dict(re.findall(r"cmdstat_(evalsha|eval):calls=(\d+)", stats))
+        assert calls == {"evalsha": "6"}, stats       # hit, 3 peeks, take, delete_value(expected)
+        redis_server.command("SET", "gw:c:{tagged}", "7", "PX", "20000")   # a name with braces: still one key
+        assert (await state.peek("{tagged}"))[0] == 7
+        keys = redis_server.command("KEYS", "gw:*")
+        assert "gw:v:k" in keys and "{" not in keys.replace("gw:c:{tagged}", "")
     finally:
         await closed(store, state)
 

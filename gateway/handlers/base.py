@@ -527,11 +527,31 @@ class BaseHandler(tornado.web.RequestHandler):
 
 
 def _in_networks(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Is ``address`` in one of ``networks``?  Remembered per process for the
+    last :data:`_MEMBERSHIP_MAX` pairs (each request asks it of its peer and of
+    its X-Forwarded-For hops, with the same few networks)."""
+    if not networks:
+        return False
+    key = (address, tuple(networks))
+    found = _membership.get(key)
+    if found is None:
+        found = _membership[key] = _in_networks_uncached(address, networks)
+        if len(_membership) > _MEMBERSHIP_MAX:
+            del _membership[next(iter(_membership))]  # the oldest entry
+    return found
+
+
+def _in_networks_uncached(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
     return any(ip in net for net in networks)
+
+
+#: how many (address, networks) answers :func:`_in_networks` keeps
+_MEMBERSHIP_MAX = 4096
+_membership: dict[tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]], bool] = {}
 
 
 def _type_name(kind: type) -> str:

@@ -31,19 +31,34 @@ never its value.
 One-off upgrades of databases made by older versions run at open
 (:mod:`gateway.profiles.legacy`).
 
-Uniqueness of an identity rests on its natural key being the ``_id``, so a
-first login is one atomic upsert of the link (``$setOnInsert`` with a freshly
-generated user id): whichever concurrent caller's insert wins, every caller
-reads back the same ``user_id``.  The user document is then upserted with
-``$setOnInsert`` too, by every caller, so a caller that sees the link before
-the winner has written the user document still gets (and if need be creates)
-that user.
+Uniqueness of an identity rests on its natural key being the ``_id`` (MongoDB's
+own unique index), so no retried or concurrent write can make a second link
+for one ``(provider, subject)``.  A user document is always written before
+the link that names it, so a link never names a missing user, whatever
+fails in between: a first login inserts a fresh user, then upserts the link
+with ``$setOnInsert`` of that user's id; whichever concurrent caller's link
+wins, every caller reads back the same ``user_id``, and a loser deletes its
+own unlinked user.  When the link's write fails with an unknown outcome (a
+primary step-down, a timeout) the fresh user is left alone: it may be the
+one the link names.  Such a left-over user is linked to nothing, so no
+login ever reaches it.  A link without its user (made by older versions,
+which wrote the link first) gets its user back at its next
+:meth:`~MongoProfileStore.resolve_identity`.  The read that judges a link
+refused as a duplicate goes to the primary, whatever read preference the
+URL sets.
 
-The client is built in :meth:`MongoProfileStore.open` with ``tz_aware=True``
-and every timeout (server selection, connect, operation via ``timeoutMS``) set
-to ``timeout`` seconds, so an outage surfaces within about a second as
-:class:`~gateway.errors.StoreUnavailable`.  Log messages are scrubbed of the
-connection URL and its credentials.
+The client is built in :meth:`MongoProfileStore.open` with ``tz_aware=True``;
+``timeoutMS``, ``serverSelectionTimeoutMS`` and ``connectTimeoutMS`` are
+``timeout`` seconds unless the URL sets them (the URL's own settings win), so
+an outage surfaces within about a second as
+:class:`~gateway.errors.StoreUnavailable`.  Every driver error
+(:class:`~pymongo.errors.PyMongoError`: ``ConnectionFailure``,
+``AutoReconnect``, ``NotPrimaryError``, ``ServerSelectionTimeoutError``,
+``NetworkTimeout``, ``ExecutionTimeout``, ``WriteConcernError``... once the
+driver's own retries of retryable reads and writes are spent) is a
+:class:`~gateway.errors.StoreUnavailable`, except a duplicate key where that
+means "already exists".  Error and log messages are scrubbed of the
+connection URL, its credentials and its options.
 
 Profile and data field names are used as dotted update paths, so they must be
 non-empty and contain neither ``.`` nor a leading ``$`` (``ValueError``
@@ -61,7 +76,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import unquote
 
-from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, AsyncMongoClient, ReadPreference, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
@@ -105,6 +120,30 @@ def _url_secrets(url: str) -> list[str]:
     if "?" in url:  # options may carry secrets (e.g. a TLS key password)
         secrets.add(url.split("?", 1)[1])
     return sorted((s for s in secrets if s), key=len, reverse=True)
+
+
+#: client options the store sets from ``timeout`` when the URL does not
+_TIMEOUT_OPTIONS = ("timeoutMS", "serverSelectionTimeoutMS", "connectTimeoutMS")
+
+
+def _url_options(url: str) -> set[str]:
+    """The names (lower case) of the options a connection string sets: what
+    follows the ``?`` after the host list's ``/``."""
+    _, _, path = url.split("://", 1)[-1].partition("/")
+    _, _, query = path.partition("?")
+    return {part.split("=", 1)[0].strip().lower() for part in re.split(r"[&;]", query) if part.strip()}
+
+
+def client_options(url: str, timeout: float) -> dict[str, Any]:
+    """The keyword options :meth:`MongoProfileStore.open` gives the client
+    beside ``url``: ``timeout`` (seconds) for each timeout the URL does not
+    set (a keyword would override the URL's own), ``appname`` likewise."""
+    ms = max(1, int(timeout * 1000))
+    given = _url_options(url)
+    options: dict[str, Any] = {name: ms for name in _TIMEOUT_OPTIONS if name.lower() not in given}
+    if "appname" not in given:
+        options["appname"] = "session-gateway"
+    return options
 
 
 def _utc(value: Any) -> datetime:
@@ -248,16 +287,13 @@ class MongoProfileStore(ProfileStore):
         once the server is back.  :meth:`close` is safe after a failed open.
         """
         if self._client is None:
-            ms = max(1, int(self.timeout * 1000))
-            with self._errors():
-                self._client = AsyncMongoClient(
-                    self._url,
-                    tz_aware=True,
-                    timeoutMS=ms,
-                    serverSelectionTimeoutMS=ms,
-                    connectTimeoutMS=ms,
-                    appname="session-gateway",
-                )
+            try:
+                with self._errors():
+                    self._client = AsyncMongoClient(self._url, tz_aware=True,
+                                                    **client_options(self._url, self.timeout))
+            except (ValueError, TypeError) as exc:  # an option's value the driver refuses
+                raise StoreUnavailable(_WHAT, log_message=self._scrub(
+                    f"mongodb: {type(exc).__name__}: {exc}")) from None
         await self._ensure_indexes()
 
     async def close(self) -> None:
@@ -311,6 +347,12 @@ class MongoProfileStore(ProfileStore):
     def _identities(self) -> AsyncCollection[dict[str, Any]]:
         return self._db["identities"]
 
+    @property
+    def _primary_identities(self) -> AsyncCollection[dict[str, Any]]:
+        """``identities``, read from the primary whatever the URL's read
+        preference (for reads that judge a write just refused)."""
+        return self._identities.with_options(read_preference=ReadPreference.PRIMARY)
+
     def _db_client(self) -> AsyncMongoClient[dict[str, Any]]:
         if self._client is None:
             raise StoreUnavailable(_WHAT, log_message="mongodb profile store is not open")
@@ -329,10 +371,16 @@ class MongoProfileStore(ProfileStore):
         except DuplicateKeyError:
             raise Conflict("that record already exists") from None
         except PyMongoError as exc:
-            # ConnectionFailure, ServerSelectionTimeoutError, NetworkTimeout,
-            # ExecutionTimeout, ConfigurationError, OperationFailure, ...
-            message = self._scrub(f"mongodb: {type(exc).__name__}: {exc}")
-            raise StoreUnavailable(_WHAT, log_message=message) from None
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: PyMongoError) -> StoreUnavailable:
+        """The StoreUnavailable for any other driver error, once the driver's
+        own retries are spent: ConnectionFailure (AutoReconnect,
+        NotPrimaryError, NetworkTimeout, ServerSelectionTimeoutError...),
+        ExecutionTimeout, WriteConcernError (``w=majority`` not met, a step-down),
+        OperationFailure (authentication...), ConfigurationError.  Its log
+        message names the error, never the URL's credentials or options."""
+        return StoreUnavailable(_WHAT, log_message=self._scrub(f"mongodb: {type(exc).__name__}: {exc}"))
 
     async def _ready(self) -> None:
         self._db_client()
@@ -391,8 +439,7 @@ class MongoProfileStore(ProfileStore):
         except DuplicateKeyError:
             raise
         except PyMongoError as exc:
-            message = self._scrub(f"mongodb: {type(exc).__name__}: {exc}")
-            raise StoreUnavailable(_WHAT, log_message=message) from None
+            raise self._unavailable(exc) from None
 
     async def resolve_identity(
         self,
@@ -403,8 +450,17 @@ class MongoProfileStore(ProfileStore):
     ) -> tuple[User, Identity, bool]:
         await self._ready()
         key = identity_key(provider, subject)
+        with self._errors():
+            link = await self._identities.find_one({"_id": key})
+        if link is not None:
+            return await self._user_of(link, profile), _identity(link), False
+        # A first login: the user first, then the link naming it (see the
+        # module docstring), so that a link never names a missing user.
+        now = utcnow()
         candidate = new_user_id()
-        link: dict[str, Any] | None = None
+        user_doc: dict[str, Any] = {"_id": candidate, "profile": dict(profile or {}), "created_at": now, "updated_at": now}
+        with self._errors():
+            await self._users.insert_one(user_doc)
         for attempt in range(2):
             try:
                 with self._errors_except_duplicate():
@@ -416,23 +472,32 @@ class MongoProfileStore(ProfileStore):
                                 "subject": subject,
                                 "user_id": candidate,
                                 "data": dict(data or {}),
-                                "created_at": utcnow(),
+                                "created_at": now,
                             }
                         },
                         upsert=True,
                         return_document=ReturnDocument.AFTER,
                     )
                 break
-            except DuplicateKeyError:  # concurrent upserts of one _id: retry finds it
-                if attempt:
+            except DuplicateKeyError:  # concurrent upserts of one _id: the retry finds it
+                if attempt:  # the link exists (a duplicate proves it) and is not ours
+                    await self._discard_user(candidate)
                     raise StoreUnavailable(_WHAT, log_message="mongodb: identity upsert kept conflicting") from None
         if link is None:
             raise StoreUnavailable(_WHAT, log_message="mongodb: identity upsert returned nothing")
-        created = link["user_id"] == candidate
-        # Every caller upserts the user: idempotent, and it covers a caller that
-        # saw the link before the winning caller wrote the user document.
-        user = await self._upsert_user(link["user_id"], dict(profile or {}))
-        return _user(user), _identity(link), created
+        if link["user_id"] == candidate:
+            return _user(user_doc), _identity(link), True
+        await self._discard_user(candidate)  # another caller's link won: ours names nobody
+        return await self._user_of(link, profile), _identity(link), False
+
+    async def _user_of(self, link: dict[str, Any], profile: dict[str, Any] | None) -> User:
+        """The user a link names; created with ``profile`` if it is missing
+        (a link written by an older version before its user)."""
+        with self._errors():
+            doc = await self._users.find_one({"_id": link["user_id"]})
+        if doc is None:
+            doc = await self._upsert_user(link["user_id"], dict(profile or {}))
+        return _user(doc)
 
     async def create_identity(
         self,
@@ -462,24 +527,19 @@ class MongoProfileStore(ProfileStore):
         try:
             with self._errors_except_duplicate():
                 await self._identities.insert_one(link_doc)
-        except DuplicateKeyError:
+        except DuplicateKeyError:  # registered concurrently: ours is the user nothing names
             await self._discard_user(user_id)
             raise Conflict("that identity is already registered") from None
-        except StoreUnavailable:
-            # The link may or may not have been written; only drop the user
-            # if it definitely has no link.
-            with contextlib.suppress(PyMongoError, StoreUnavailable):
-                if await self._identities.find_one({"_id": key, "user_id": user_id}) is None:
-                    await self._discard_user(user_id)
-            raise
+        # A StoreUnavailable here leaves the user: the link may have been
+        # written (a step-down after the write), and then names it.
         return _user(user_doc), _identity(link_doc)
 
     async def _discard_user(self, user_id: str) -> None:
-        """Best-effort removal of a user created by a failed create_identity."""
+        """Best-effort removal of a user this call created and no link names."""
         try:
             await self._users.delete_one({"_id": user_id})
         except PyMongoError as exc:
-            log.warning("could not remove orphan user %s: %s", user_id, self._scrub(str(exc)))
+            log.warning("mongodb: could not remove unlinked user %s: %s", user_id, self._scrub(f"{type(exc).__name__}: {exc}"))
 
     async def link_identity(
         self, user_id: str, provider: str, subject: str, data: dict[str, Any] | None = None
@@ -502,8 +562,8 @@ class MongoProfileStore(ProfileStore):
                 try:
                     await self._identities.insert_one(doc)
                     return _identity(doc)
-                except DuplicateKeyError:  # linked concurrently: judge the winner
-                    existing = await self._identities.find_one({"_id": key})
+                except DuplicateKeyError:  # linked concurrently: judge the winner, read from the primary
+                    existing = await self._primary_identities.find_one({"_id": key})
         if existing is None:
             raise StoreUnavailable(_WHAT, log_message="mongodb: identity vanished while linking")
         if existing["user_id"] != user_id:

@@ -30,7 +30,7 @@ import tornado.httputil
 import tornado.iostream
 from tornado.http1connection import HTTP1Connection
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.errors import GatewayError, invalid_request, not_found
 from gateway.handlers.base import BaseHandler
 from gateway.proxy import policy
@@ -275,19 +275,43 @@ class ProxyHandler(BaseHandler):
         if missing:
             raise GatewayError("forbidden", "this route requires the scope(s): " + " ".join(missing))
 
+    async def gateway_identity_headers(self, route: Route, principal: Principal | None) -> list[tuple[str, str]]:
+        """What the gateway itself tells the upstream about ``principal``:
+        the identity headers, ``X-Consent``, the ``[profiles]``
+        upstream_headers and, on a route with ``assertion``, the signed
+        ``X-Gateway-Assertion`` (nothing for an anonymous request)."""
+        if principal is None:
+            return []
+        identity = policy.identity_headers(principal.user_id, principal.provider, principal.session_id,
+                                           principal.scopes)
+        # X-Consent, and the [profiles] upstream_headers (cached per process)
+        identity += [*self._consent, *await self.gateway.preferences.upstream_headers(principal.user_id)]
+        if route.assertion:  # signed once per request, with the key parsed at start-up
+            identity.append((policy.ASSERTION_HEADER, self.gateway.assertions.sign(
+                principal, audience=route.audience, origin=f"{self.client_scheme}://{self.client_host}")))
+        return identity
+
+    async def with_plugin_headers(self, out: list[tuple[str, str]], route: Route,
+                                  principal: Principal | None) -> list[tuple[str, str]]:
+        """``out`` with the headers the caller's provider and the
+        ``gateway_upstream_headers`` hooks add (replacing any of the same
+        name; never a gateway-owned, hop-by-hop or ``Host`` header)."""
+        extras = await self.gateway.upstream_headers(self.request, principal, route)
+        for extra in extras:
+            for name, value in extra.items():
+                key = policy.canonical(name)
+                if key not in policy.GATEWAY_OWNED and key not in policy.HOP_BY_HOP and key != "host":
+                    out = [(n, v) for n, v in out if policy.canonical(n) != key]
+                    out.append((name, value))
+        return out
+
     async def build_upstream_headers(self, route: Route, principal: Principal | None,
                                      *, websocket: bool = False) -> list[tuple[str, str]]:
         request = self.request
         strip = {policy.canonical(h) for h in (principal.headers_to_strip if principal else ())}
         strip.update(policy.canonical(h) for h in self.credential_headers())
         trusted = self.peer_is_trusted
-        identity = policy.identity_headers(principal.user_id, principal.provider, principal.session_id,
-                                           principal.scopes) if principal is not None else []
-        if principal is not None:  # X-Consent, and the [profiles] upstream_headers (cached per process)
-            identity += [*self._consent, *await self.gateway.preferences.upstream_headers(principal.user_id)]
-            if route.assertion:  # signed once per request, with the key parsed at start-up
-                identity.append((policy.ASSERTION_HEADER, self.gateway.assertions.sign(
-                    principal, audience=route.audience, origin=f"{self.client_scheme}://{self.client_host}")))
+        identity = await self.gateway_identity_headers(route, principal)
         out = policy.upstream_request_headers(
             list(request.headers.get_all()),
             strip=strip,
@@ -305,14 +329,9 @@ class ProxyHandler(BaseHandler):
             credentials=self.gateway.credentials,
         )
         out, self.trace_id = policy.with_trace_context(out, request.headers.get("traceparent"))
-        extras = await self.gateway.upstream_headers(request, principal, route)
-        for extra in extras:
-            for name, value in extra.items():
-                key = policy.canonical(name)
-                if key not in policy.GATEWAY_OWNED and key not in policy.HOP_BY_HOP and key != "host":
-                    out = [(n, v) for n, v in out if policy.canonical(n) != key]
-                    out.append((name, value))
-        return out
+        out, traced = tracing.upstream_headers(self, route, out)  # [tracing] on: the upstream call's span
+        self.trace_id = traced or self.trace_id
+        return await self.with_plugin_headers(out, route, principal)
 
     # -- 2. the body -----------------------------------------------------------------
 
@@ -412,6 +431,7 @@ class ProxyHandler(BaseHandler):
                                            request_timeout=route.request_timeout, deadline=deadline)
                 self.upstream_seconds = loop.time() - sent  # for the access log
                 metrics.upstream_answered(route.prefix, self.upstream_seconds)
+                tracing.upstream_answered(self, response.status)
                 if channel is not None and channel.stalled:
                     return self._client_stalled()
                 await self._relay(response, deadline)
@@ -498,6 +518,7 @@ class ProxyHandler(BaseHandler):
 
     def _failed(self, exc: UpstreamError) -> None:
         """No response came: answer with the documented error (one log line)."""
+        tracing.upstream_failed(self, exc)
         prefix = self.route.prefix
         if isinstance(exc, UpstreamTimeout):
             error = GatewayError("gateway_timeout", f"the upstream for {prefix} did not answer in time")

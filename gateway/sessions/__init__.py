@@ -19,9 +19,15 @@ def open_session_store(settings: SessionsConfig) -> SessionStore:
         from gateway.sessions.connection import RedisOptions
         from gateway.sessions.redis import RedisSessionStore
 
-        options = RedisOptions(settings.redis_url, timeout=settings.redis_timeout,
+        urls = settings.redis_urls
+        options = RedisOptions(urls[0], timeout=settings.redis_timeout,
                                max_connections=settings.redis_max_connections,
-                               pool_timeout=settings.redis_pool_timeout)
+                               pool_timeout=settings.redis_pool_timeout,
+                               seeds=urls if settings.redis_cluster else (),
+                               cluster=settings.redis_cluster,
+                               sentinels=settings.redis_sentinels,
+                               sentinel_master=settings.redis_sentinel_master,
+                               sentinel_password=settings.redis_sentinel_password)
         return RedisSessionStore(options=options, retention=settings.ended_retention)
     from gateway.sessions.memory import MemorySessionStore
 

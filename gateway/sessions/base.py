@@ -33,11 +33,23 @@ The store keeps sessions only; counters and small shared values are
 :mod:`gateway.state`'s.
 
 Every method may raise :class:`gateway.errors.StoreUnavailable`.
+
+Slot tags: every user belongs to one of :data:`SLOT_TAGS` buckets,
+:func:`slot_tag` (three hex digits, ``000`` to ``3ff``), and everything of
+the user carries it: the session id (``s_<tag>_<random>``), each token
+(``gws_<tag>_<secret>``, :mod:`gateway.sessions.manager`) and so each token
+hash (``<tag>.<sha256 hex>``).  A store that spreads its data (Redis
+Cluster's hash slots) finds a session from its id or a token hash alone
+(:func:`session_tag`, :func:`hash_tag`), all of a user's keys in one place;
+the in-memory store ignores the tags.  A value without a well-formed tag
+(an old token, garbage from a URL) simply finds nothing.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
+import re
 from typing import Any
 
 Record = dict[str, Any]
@@ -48,6 +60,51 @@ ENDED_REASONS = ("expired", "revoked", "superseded")
 #: ``reason``; a provider may pass another word).  Every one marks the
 #: tokens ``revoked``.
 REVOCATION_REASONS = ("logout", "logout_all", "revoked", "max_per_user", "operator")
+
+#: how many slot tags there are (the buckets users are spread over)
+SLOT_TAGS = 1024
+#: a slot tag: three lowercase hex digits below 0x400
+TAG = r"[0-3][0-9a-f]{2}"
+_TOKEN_HASH = re.compile(rf"({TAG})\.[0-9a-f]{{64}}")
+_SESSION_ID = re.compile(rf"s_({TAG})_[A-Za-z0-9_\-]{{1,64}}")
+
+
+def slot_tag(user_id: str) -> str:
+    """The slot tag of a user: the first 32 bits of the SHA-256 of the user
+    id, modulo :data:`SLOT_TAGS`, as three hex digits."""
+    digest = hashlib.sha256(user_id.encode("utf-8", "surrogateescape")).digest()
+    return f"{int.from_bytes(digest[:4], 'big') % SLOT_TAGS:03x}"
+
+
+def all_slot_tags() -> list[str]:
+    """Every slot tag, in order."""
+    return [f"{n:03x}" for n in range(SLOT_TAGS)]
+
+
+def new_session_id(tag: str, random: str) -> str:
+    """A session id carrying ``tag``: ``s_<tag>_<random>``."""
+    return f"s_{tag}_{random}"
+
+
+def session_tag(session_id: object) -> str | None:
+    """The slot tag a session id carries; ``None`` for anything else."""
+    if not isinstance(session_id, str):
+        return None
+    found = _SESSION_ID.fullmatch(session_id)
+    return found.group(1) if found else None
+
+
+def tagged_hash(tag: str, digest: str) -> str:
+    """A token hash carrying ``tag``: ``<tag>.<sha256 hex>``."""
+    return f"{tag}.{digest}"
+
+
+def hash_tag(token_hash: object) -> str | None:
+    """The slot tag a token hash carries; ``None`` for anything else."""
+    if not isinstance(token_hash, str):
+        return None
+    found = _TOKEN_HASH.fullmatch(token_hash)
+    return found.group(1) if found else None
 
 
 class SessionStore(abc.ABC):

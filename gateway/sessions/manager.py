@@ -9,6 +9,14 @@ and ``/refresh`` alike.
 A token is 256 bits from :mod:`secrets`; the store only ever sees its
 SHA-256, so a dump of the store holds no usable token.  Each session also has
 a non-secret id, used in listings and upstream headers.
+
+Tokens and session ids carry their user's slot tag
+(:func:`gateway.sessions.base.slot_tag`): a token is
+``gws_<tag>_<secret>`` and its hash ``<tag>.<sha256 hex of the token>``,
+a session id ``s_<tag>_<random>``, so that a store spread over several
+places finds a session from its token or id alone.  A token without a tag
+(one from before tags, or a forged one) hashes to its bare digest, which
+no store holds a session for.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,21 +32,34 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Mapping
 
 from gateway.errors import Conflict
-from gateway.sessions.base import Record, SessionStore
+from gateway.sessions.base import TAG, Record, SessionStore, new_session_id, slot_tag, tagged_hash
 
 log = logging.getLogger("gateway.sessions")
 
 TOKEN_PREFIX = "gws_"
+#: a token's shape: the prefix, the slot tag, ``_``, the secret
+_TOKEN = re.compile(rf"{re.escape(TOKEN_PREFIX)}({TAG})_[A-Za-z0-9_\-]+")
 
 EventSink = Callable[..., Awaitable[None]]
 
 
-def new_token() -> str:
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+def new_token(tag: str) -> str:
+    """A new token of a session whose slot tag is ``tag``."""
+    return f"{TOKEN_PREFIX}{tag}_{secrets.token_urlsafe(32)}"
+
+
+def token_tag(token: str) -> str | None:
+    """The slot tag a token carries; ``None`` when it has none."""
+    found = _TOKEN.fullmatch(token)
+    return found.group(1) if found else None
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    """What the store knows a token by: ``<tag>.<sha256 hex>``, or the bare
+    digest for a token without a tag (which opens nothing)."""
+    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    tag = token_tag(token)
+    return tagged_hash(tag, digest) if tag is not None else digest
 
 
 def iso(ts: float | None) -> str | None:
@@ -73,7 +95,7 @@ class Session:
 
     @classmethod
     def from_record(cls, record: Record) -> "Session":
-        known = {f for f in cls.__dataclass_fields__}
+        known = _SESSION_FIELDS if cls is Session else frozenset(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in record.items() if k in known})
 
     def to_record(self) -> Record:
@@ -103,6 +125,10 @@ class Session:
             "user_agent": self.user_agent,
             "current": self.id == current_id,
         }
+
+
+#: the fields of a :class:`Session` (what :meth:`Session.from_record` keeps of a record)
+_SESSION_FIELDS = frozenset(Session.__dataclass_fields__)
 
 
 class SupersededToken(Exception):
@@ -175,11 +201,12 @@ class SessionManager:
         """A brand-new session (never a reused one) and its token; a
         ``remember`` one lives by the remember timeouts."""
         now = time.time()
-        token = new_token()
+        tag = slot_tag(user_id)
+        token = new_token(tag)
         lifetime = self.lifetimes[remember]
         absolute = now + lifetime.absolute
         session = Session(
-            id="s_" + secrets.token_urlsafe(12),
+            id=new_session_id(tag, secrets.token_urlsafe(12)),
             user_id=user_id,
             provider=provider,
             created_at=now,
@@ -259,7 +286,7 @@ class SessionManager:
         ``LookupError`` if the session has ended."""
         previous = Session.from_record(session.to_record())
         now = time.time()
-        token = new_token()
+        token = new_token(slot_tag(session.user_id))
         session.prev_token_hash = session.token_hash
         session.prev_token_expires_at = now + self.rotation_grace
         session.rotated_at = now

@@ -1,19 +1,49 @@
 """Redis session store (``redis.asyncio``), for production and several processes.
 
-Keys (``gw:`` prefix): ``s:<id>`` the session JSON, ``t:<sha256 of token>``
-the session id, ``r:<sha256 of a superseded token>`` the session id (for
-refresh-token reuse detection; as long-lived as the session), ``u:<user id>``
-a sorted set of the user's session ids by creation time, ``e:<sha256 of
-token>`` the marker saying how that token's session ended or will end
-(``expired``, ``revoked``, ``superseded``; see :mod:`gateway.sessions.base`),
-``o`` the online index: one sorted set of user ids by the time one of their
-sessions was last created or touched, written by the same scripts (no extra
-round trip), trimmed of users unseen for :data:`ONLINE_KEEP` seconds at each
-login and of users with no live session left when their last one is deleted.
-Every key but ``o`` carries a TTL.  (:mod:`gateway.state.redis` keeps counters and shared values on the
-same Redis, through this store's client, under ``c:`` and ``v:``.)
-Operations that touch several keys run as Lua scripts, so they are atomic and
-cost one round trip.
+Key layout.  Everything of one user lives under one *hash tag*, the user's
+slot tag (:func:`gateway.sessions.base.slot_tag`: three hex digits, one of
+1024), so that every script touches one Redis Cluster hash slot, and the
+same layout serves a single Redis, Sentinel and a cluster alike.  With the
+``gw:`` prefix and ``T`` the tag:
+
+- ``gw:{T}:s:<session id>`` the session JSON; a session id is
+  ``s_T_<random>``;
+- ``gw:{T}:t:<token hash>`` the session id, for each live token (the
+  current one, and the previous one during its grace period); a token is
+  ``gws_T_<secret>`` and its hash ``T.<sha256 hex of the token>``;
+- ``gw:{T}:r:<token hash>`` the session id, for each token ``/refresh``
+  replaced that the record still lists in ``superseded_hashes`` (refresh
+  token reuse detection), as long-lived as the session;
+- ``gw:{T}:e:<token hash>`` the marker saying how that token's session
+  ended or will end (``expired``, ``revoked``, ``superseded``; see
+  :mod:`gateway.sessions.base`);
+- ``gw:{T}:u:<user id>`` a sorted set of the user's session ids by creation time;
+- ``gw:{T}:o`` the online index of the users of tag ``T``: a sorted set of
+  user ids by the time one of their sessions was last created or touched,
+  written by the same scripts (no extra round trip), trimmed of users unseen
+  for :data:`ONLINE_KEEP` seconds at each login into that shard and at each
+  listing, and of a user with no live session left when their last one is
+  deleted.  :meth:`RedisSessionStore.online` reads all 1024 shards, in
+  pipelines.
+
+Every key but the ``o`` shards carries a TTL.  A token hash or session id
+names its tag, so a lookup, a ``get`` or a ``delete`` is one call on one
+slot; a value without a well-formed tag finds nothing.  Operations that touch
+several keys run as Lua scripts, so they are atomic and cost one round trip;
+each script declares the keys it knows beforehand, and builds every other
+(an evicted session's, a superseded token's) on its own tag, so no script
+ever leaves the slot of ``KEYS[1]``.  No transaction (MULTI) is used.  The
+prefix may not hold ``{`` or ``}``: they would move the hash tag.
+(:mod:`gateway.state.redis` keeps counters and shared values on the same
+Redis, through this store's client, under ``c:``, ``r:`` and ``v:``, each
+one key.)
+
+Migrating from the layout before tags (``gw:s:<id>``, ``gw:t:<hash>``, ...,
+one ``gw:o``): nothing to run and no configuration to change.  Tokens
+issued before carry no tag and simply open no session any more (their
+holders get 401 and log in again); the old keys are never read again and
+expire on their own TTLs (the old ``gw:o``, which has none, may be deleted
+by hand).
 
 Connection failures surface quickly (short socket timeouts, at most one
 retry) as :class:`gateway.errors.StoreUnavailable`; the client reconnects on
@@ -32,57 +62,62 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.errors import StoreUnavailable
-from gateway.sessions.base import Record, SessionStore
+from gateway.sessions.base import Record, SessionStore, all_slot_tags, hash_tag, session_tag, slot_tag
 from gateway.sessions.connection import RedisClient, RedisOptions, connect
 
 log = logging.getLogger("gateway.sessions")
 PREFIX = "gw:"
 
+# In every script, ``b`` (an argument) is the key base of the script's one
+# tag, ``<prefix>{<tag>}:``: every key a script builds itself starts with it,
+# in the slot of KEYS[1].
+
 # Marks every token of a decoded session record ``revoked`` for ``ms``
 # milliseconds (nothing when ``ms`` is 0); prepended to the scripts that end sessions.
 _REVOKE_MARKS = """
-local function revoke_marks(p, rec, ms)
+local function revoke_marks(b, rec, ms)
   if tonumber(ms) <= 0 then return end
-  if type(rec.token_hash) == 'string' then redis.call('SET', p..'e:'..rec.token_hash, 'revoked', 'PX', ms) end
-  if type(rec.prev_token_hash) == 'string' then redis.call('SET', p..'e:'..rec.prev_token_hash, 'revoked', 'PX', ms) end
+  if type(rec.token_hash) == 'string' then redis.call('SET', b..'e:'..rec.token_hash, 'revoked', 'PX', ms) end
+  if type(rec.prev_token_hash) == 'string' then redis.call('SET', b..'e:'..rec.prev_token_hash, 'revoked', 'PX', ms) end
   if type(rec.superseded_hashes) == 'table' then
-    for _, h in ipairs(rec.superseded_hashes) do redis.call('SET', p..'e:'..h, 'revoked', 'PX', ms) end
+    for _, h in ipairs(rec.superseded_hashes) do redis.call('SET', b..'e:'..h, 'revoked', 'PX', ms) end
   end
 end
 """
 
+# KEYS: s:<id>, t:<hash>, e:<hash>, u:<user>, o (the user's shard)
 _CREATE = _REVOKE_MARKS + """
-local p = ARGV[5]
-redis.call('SET', p..'s:'..ARGV[1], ARGV[2], 'PX', ARGV[3])
-redis.call('SET', p..'t:'..ARGV[6], ARGV[1], 'PX', ARGV[3])
--- ARGV[9]: the session's TTL plus the retention; ARGV[10]: the retention (0: no markers)
-if tonumber(ARGV[10]) > 0 then redis.call('SET', p..'e:'..ARGV[6], 'expired', 'PX', ARGV[9]) end
-local ukey = p..'u:'..ARGV[7]
-redis.call('ZADD', ukey, ARGV[8], ARGV[1])
+local b = ARGV[5]
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+-- ARGV[8]: the session's TTL plus the retention; ARGV[9]: the retention (0: no markers)
+if tonumber(ARGV[9]) > 0 then redis.call('SET', KEYS[3], 'expired', 'PX', ARGV[8]) end
+local ukey = KEYS[4]
+redis.call('ZADD', ukey, ARGV[7], ARGV[1])
 if redis.call('PTTL', ukey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', ukey, ARGV[3]) end
--- the online index (ARGV[11]: forget users unseen since then)
-redis.call('ZADD', p..'o', 'GT', ARGV[8], ARGV[7])
-redis.call('ZREMRANGEBYSCORE', p..'o', '-inf', '('..ARGV[11])
+-- the online index (ARGV[10]: forget users unseen since then)
+redis.call('ZADD', KEYS[5], 'GT', ARGV[7], ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '('..ARGV[10])
 local live = {}
 for _, sid in ipairs(redis.call('ZRANGE', ukey, 0, -1)) do
-  if redis.call('EXISTS', p..'s:'..sid) == 1 then table.insert(live, sid) else redis.call('ZREM', ukey, sid) end
+  if redis.call('EXISTS', b..'s:'..sid) == 1 then table.insert(live, sid) else redis.call('ZREM', ukey, sid) end
 end
 local evicted = {}
 local max = tonumber(ARGV[4])
 if max > 0 and #live > max then
   for i = 1, #live - max do
     local sid = live[i]
-    local raw = redis.call('GET', p..'s:'..sid)
-    redis.call('DEL', p..'s:'..sid)
+    local raw = redis.call('GET', b..'s:'..sid)
+    redis.call('DEL', b..'s:'..sid)
     redis.call('ZREM', ukey, sid)
     if raw then
       local rec = cjson.decode(raw)
-      if type(rec.token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.token_hash) end
-      if type(rec.prev_token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.prev_token_hash) end
+      if type(rec.token_hash) == 'string' then redis.call('DEL', b..'t:'..rec.token_hash) end
+      if type(rec.prev_token_hash) == 'string' then redis.call('DEL', b..'t:'..rec.prev_token_hash) end
       if type(rec.superseded_hashes) == 'table' then
-        for _, h in ipairs(rec.superseded_hashes) do redis.call('DEL', p..'r:'..h) end
+        for _, h in ipairs(rec.superseded_hashes) do redis.call('DEL', b..'r:'..h) end
       end
-      revoke_marks(p, rec, ARGV[10])
+      revoke_marks(b, rec, ARGV[9])
       table.insert(evicted, raw)
     end
   end
@@ -90,20 +125,22 @@ end
 return evicted
 """
 
+# KEYS: t:<hash> (or r:<hash>); ARGV: the key base
 _LOOKUP = """
 local sid = redis.call('GET', KEYS[1])
 if not sid then return false end
 return redis.call('GET', ARGV[1]..'s:'..sid)
 """
 
+# KEYS: s:<id>, t:<hash>, e:<hash>, u:<user>, o (the user's shard)[, t:<previous hash>]
 _SAVE = """
-local p = ARGV[4]
+local b = ARGV[4]
 -- compare and set: only over the record whose current token the caller read
-local cur = redis.call('GET', p..'s:'..ARGV[1])
+local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local old = cjson.decode(cur)
 if old.token_hash ~= ARGV[10] then return 0 end
-redis.call('SET', p..'s:'..ARGV[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 -- superseded tokens stay known as long as the session (reuse detection);
 -- those the record no longer lists are forgotten
 local keep = {}
@@ -111,63 +148,64 @@ local rec = cjson.decode(ARGV[2])
 if type(rec.superseded_hashes) == 'table' then
   for _, h in ipairs(rec.superseded_hashes) do
     keep[h] = true
-    redis.call('SET', p..'r:'..h, ARGV[1], 'PX', ARGV[3])
+    redis.call('SET', b..'r:'..h, ARGV[1], 'PX', ARGV[3])
   end
 end
 if type(old.superseded_hashes) == 'table' then
   for _, h in ipairs(old.superseded_hashes) do
-    if not keep[h] then redis.call('DEL', p..'r:'..h) end
+    if not keep[h] then redis.call('DEL', b..'r:'..h) end
   end
 end
-redis.call('SET', p..'t:'..ARGV[5], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 -- the markers: the current token expires with the session, the replaced ones
 -- were superseded (ARGV[11]: the TTL plus the retention; ARGV[12]: the retention)
 if tonumber(ARGV[12]) > 0 then
-  redis.call('SET', p..'e:'..ARGV[5], 'expired', 'PX', ARGV[11])
+  redis.call('SET', KEYS[3], 'expired', 'PX', ARGV[11])
   if type(rec.prev_token_hash) == 'string' and rec.prev_token_hash ~= ARGV[5] then
-    redis.call('SET', p..'e:'..rec.prev_token_hash, 'superseded', 'PX', ARGV[11])
+    redis.call('SET', b..'e:'..rec.prev_token_hash, 'superseded', 'PX', ARGV[11])
   end
   for h, _ in pairs(keep) do
-    if h ~= ARGV[5] then redis.call('SET', p..'e:'..h, 'superseded', 'PX', ARGV[11]) end
+    if h ~= ARGV[5] then redis.call('SET', b..'e:'..h, 'superseded', 'PX', ARGV[11]) end
   end
 end
 -- keep the user index alive as long as this session (a touch can outlive its first TTL)
-local ukey = p..'u:'..ARGV[8]
+local ukey = KEYS[4]
 redis.call('ZADD', ukey, ARGV[9], ARGV[1])
 if redis.call('PTTL', ukey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', ukey, ARGV[3]) end
-if type(rec.last_seen_at) == 'number' then redis.call('ZADD', p..'o', 'GT', rec.last_seen_at, ARGV[8]) end
+if type(rec.last_seen_at) == 'number' then redis.call('ZADD', KEYS[5], 'GT', rec.last_seen_at, ARGV[8]) end
 if ARGV[6] ~= '' then
   if tonumber(ARGV[7]) > 0 then
-    redis.call('PEXPIRE', p..'t:'..ARGV[6], ARGV[7])
+    redis.call('PEXPIRE', KEYS[6], ARGV[7])
   else
-    redis.call('DEL', p..'t:'..ARGV[6])
+    redis.call('DEL', KEYS[6])
   end
 end
 return 1
 """
 
+# KEYS: s:<id>; ARGV: the key base, the id, the retention in ms
 _DELETE = _REVOKE_MARKS + """
-local p = ARGV[1]
-local raw = redis.call('GET', p..'s:'..ARGV[2])
+local b = ARGV[1]
+local raw = redis.call('GET', KEYS[1])
 if not raw then return false end
-redis.call('DEL', p..'s:'..ARGV[2])
+redis.call('DEL', KEYS[1])
 local rec = cjson.decode(raw)
-if type(rec.token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.token_hash) end
-if type(rec.prev_token_hash) == 'string' then redis.call('DEL', p..'t:'..rec.prev_token_hash) end
+if type(rec.token_hash) == 'string' then redis.call('DEL', b..'t:'..rec.token_hash) end
+if type(rec.prev_token_hash) == 'string' then redis.call('DEL', b..'t:'..rec.prev_token_hash) end
 if type(rec.superseded_hashes) == 'table' then
-  for _, h in ipairs(rec.superseded_hashes) do redis.call('DEL', p..'r:'..h) end
+  for _, h in ipairs(rec.superseded_hashes) do redis.call('DEL', b..'r:'..h) end
 end
 if type(rec.user_id) == 'string' then
-  local ukey = p..'u:'..rec.user_id
+  local ukey = b..'u:'..rec.user_id
   redis.call('ZREM', ukey, ARGV[2])
   -- no live session left: the user leaves the online index
   local live = false
   for _, sid in ipairs(redis.call('ZRANGE', ukey, 0, -1)) do
-    if redis.call('EXISTS', p..'s:'..sid) == 1 then live = true break end
+    if redis.call('EXISTS', b..'s:'..sid) == 1 then live = true break end
   end
-  if not live then redis.call('ZREM', p..'o', rec.user_id) end
+  if not live then redis.call('ZREM', b..'o', rec.user_id) end
 end
-revoke_marks(p, rec, ARGV[3])
+revoke_marks(b, rec, ARGV[3])
 return raw
 """
 
@@ -190,9 +228,14 @@ class RedisSessionStore(SessionStore):
     name = "redis"
     shared = True
 
+    #: shards of the online index per pipeline when listing it
+    ONLINE_CHUNK = 256
+
     def __init__(self, url: str = "", timeout: float = 0.5, prefix: str = PREFIX, *,
                  max_connections: int = 1000, pool_timeout: float = 1.0, retention: float = 86400.0,
                  options: RedisOptions | None = None) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the Redis key prefix {prefix!r} may not hold '{{' or '}}' (they would move the hash tag)")
         self.retention = retention
         self._options = options or RedisOptions(url, timeout=timeout, max_connections=max_connections,
                                                 pool_timeout=pool_timeout)
@@ -223,42 +266,66 @@ class RedisSessionStore(SessionStore):
         """What every key of this store (and of the state sharing it) starts with."""
         return self._prefix
 
+    def base(self, tag: str) -> str:
+        """What every key of slot tag ``tag`` starts with: ``<prefix>{<tag>}:``."""
+        return f"{self._prefix}{{{tag}}}:"
+
+    def _tag(self, record: Record) -> str:
+        """The slot tag of a record to write: its user's, which its id and
+        every token hash of it must carry too (ValueError otherwise: the
+        session could not be found from them)."""
+        tag = slot_tag(record["user_id"])
+        hashes = [record["token_hash"], record.get("prev_token_hash"), *(record.get("superseded_hashes") or [])]
+        if session_tag(record["id"]) != tag or any(hash_tag(h) != tag for h in hashes if h):
+            raise ValueError(f"session {record['id']!r}: its id and token hashes must carry its user's slot tag {tag}")
+        return tag
+
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         found = self._scripts[script]
         client = self.client
         try:
             try:  # EVALSHA straight away: the cheapest call on the hot path
                 return await client.evalsha(found.sha, len(keys), *keys, *args)
-            except NoScriptError:  # a restarted or flushed Redis: load the script again
-                return await found(keys=keys, args=args, client=client)
+            except NoScriptError:  # a restarted or flushed Redis (node): EVAL loads it again, one round trip
+                return await client.eval(found.script, len(keys), *keys, *args)
         except RedisError as exc:
             raise store_unavailable(exc) from None
 
     async def create(self, record: Record, ttl: float, max_per_user: int) -> list[Record]:
-        p = self._prefix
+        b = self.base(self._tag(record))
+        token_hash, user_id = record["token_hash"], record["user_id"]
         raw = await self._run(
             "create",
-            [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}", f"{p}u:{record['user_id']}"],
-            [record["id"], json.dumps(record), _ms(ttl), max_per_user, p,
-             record["token_hash"], record["user_id"], record["created_at"], *self._marking(ttl),
+            [f"{b}s:{record['id']}", f"{b}t:{token_hash}", f"{b}e:{token_hash}", f"{b}u:{user_id}", f"{b}o"],
+            [record["id"], json.dumps(record), _ms(ttl), max_per_user, b,
+             user_id, record["created_at"], *self._marking(ttl),
              repr(float(record["created_at"]) - ONLINE_KEEP)],
         )
         return [json.loads(r) for r in raw or []]
 
-    async def lookup(self, token_hash: str) -> Record | None:
-        raw = await self._run("lookup", [f"{self._prefix}t:{token_hash}"], [self._prefix])
+    async def _lookup(self, kind: str, token_hash: str) -> Record | None:
+        tag = hash_tag(token_hash)
+        if tag is None:  # no tag (a token from before tags, garbage): no session
+            return None
+        b = self.base(tag)
+        raw = await self._run("lookup", [f"{b}{kind}:{token_hash}"], [b])
         return json.loads(raw) if raw else None
 
+    async def lookup(self, token_hash: str) -> Record | None:
+        return await self._lookup("t", token_hash)
+
     async def lookup_superseded(self, token_hash: str) -> Record | None:
-        raw = await self._run("lookup", [f"{self._prefix}r:{token_hash}"], [self._prefix])
-        record: Record | None = json.loads(raw) if raw else None
+        record = await self._lookup("r", token_hash)
         if record is None or token_hash not in (record.get("superseded_hashes") or []):
             return None
         return record
 
     async def ended(self, token_hash: str) -> str | None:
+        tag = hash_tag(token_hash)
+        if tag is None:
+            return None
         try:
-            reason = await self.client.get(f"{self._prefix}e:{token_hash}")
+            reason = await self.client.get(f"{self.base(tag)}e:{token_hash}")
         except RedisError as exc:
             raise store_unavailable(exc) from None
         return str(reason) if reason else None  # (decode_responses: already text)
@@ -271,22 +338,26 @@ class RedisSessionStore(SessionStore):
         return [_ms(ttl + self.retention), _ms(self.retention)]
 
     async def get(self, session_id: str) -> Record | None:
+        tag = session_tag(session_id)
+        if tag is None:  # not a session id (an old one, garbage from a URL): none
+            return None
         try:
-            raw = await self.client.get(f"{self._prefix}s:{session_id}")
+            raw = await self.client.get(f"{self.base(tag)}s:{session_id}")
         except RedisError as exc:
             raise store_unavailable(exc) from None
         return json.loads(raw) if raw else None
 
     async def _save(self, record: Record, ttl: float, grace: float | None) -> bool:
-        p = self._prefix
+        b = self.base(self._tag(record))
         old = record.get("prev_token_hash") or "" if grace is not None else ""
         expected = old if grace is not None else record["token_hash"]
+        token_hash, user_id = record["token_hash"], record["user_id"]
         ok = await self._run(
             "save",
-            [f"{p}s:{record['id']}", f"{p}t:{record['token_hash']}", f"{p}u:{record['user_id']}"]
-            + ([f"{p}t:{old}"] if old else []),
-            [record["id"], json.dumps(record), _ms(ttl), p, record["token_hash"], old,
-             _ms(min(grace, ttl)) if grace else 0, record["user_id"], record["created_at"], expected,
+            [f"{b}s:{record['id']}", f"{b}t:{token_hash}", f"{b}e:{token_hash}", f"{b}u:{user_id}", f"{b}o"]
+            + ([f"{b}t:{old}"] if old else []),
+            [record["id"], json.dumps(record), _ms(ttl), b, token_hash, old,
+             _ms(min(grace, ttl)) if grace else 0, user_id, record["created_at"], expected,
              *self._marking(ttl)],
         )
         return bool(ok)
@@ -298,17 +369,22 @@ class RedisSessionStore(SessionStore):
         return await self._save(record, ttl, grace)
 
     async def delete(self, session_id: str) -> Record | None:
-        raw = await self._run("delete", [f"{self._prefix}s:{session_id}"],
-                              [self._prefix, session_id, _ms(self.retention) if self.retention > 0 else 0])
+        tag = session_tag(session_id)
+        if tag is None:
+            return None
+        b = self.base(tag)
+        raw = await self._run("delete", [f"{b}s:{session_id}"],
+                              [b, session_id, _ms(self.retention) if self.retention > 0 else 0])
         return json.loads(raw) if raw else None
 
     async def list_user(self, user_id: str) -> list[Record]:
-        ukey = f"{self._prefix}u:{user_id}"
+        b = self.base(slot_tag(user_id))
+        ukey = f"{b}u:{user_id}"
         try:
             ids: list[Any] = await self.client.zrange(ukey, 0, -1)
             if not ids:
                 return []
-            raws = await self.client.mget([f"{self._prefix}s:{i}" for i in ids])
+            raws = await self.client.mget([f"{b}s:{i}" for i in ids])  # one tag: one slot
             dead = [i for i, r in zip(ids, raws) if r is None]
             if dead:
                 await self.client.zrem(ukey, *dead)
@@ -317,19 +393,46 @@ class RedisSessionStore(SessionStore):
         return [json.loads(r) for r in raws if r is not None]
 
     async def online(self, since: float, limit: int, after: tuple[float, str] | None = None) -> list[tuple[str, float]]:
-        key = f"{self._prefix}o"
-        found: list[tuple[str, float]] = []
+        """Merges the 1024 shards: each is trimmed of users unseen since
+        ``since`` and read from its lowest entries, a few at a time; only the
+        shards that may still hold one of the first ``limit`` entries are
+        read further (pipelined, :data:`ONLINE_CHUNK` shards per pipeline,
+        which a cluster client splits per node)."""
+        if limit <= 0:
+            return []
+        keys = [f"{self.base(tag)}o" for tag in all_slot_tags()]
+        low = after[0] if after is not None else since
+        count = max(8, 2 * -(-limit // len(keys)))
+        offsets = [0] * len(keys)
+        last: list[tuple[float, str] | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        found: list[tuple[float, str]] = []
+        trim = True
         try:
-            await self.client.zremrangebyscore(key, "-inf", f"({since!r}")
-            low, offset = (after[0] if after is not None else since), 0
-            while len(found) < limit:
-                batch: list[Any] = await self.client.zrangebyscore(key, low, "+inf", start=offset, num=limit + 1,
-                                                                   withscores=True)
-                if not batch:
-                    break
-                offset += len(batch)
-                found += [(str(user), float(score)) for user, score in batch
-                          if after is None or (float(score), str(user)) > after]
+            while pending:
+                replies: list[Any] = []
+                for start in range(0, len(pending), self.ONLINE_CHUNK):
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for i in pending[start:start + self.ONLINE_CHUNK]:
+                            if trim:
+                                pipe.zremrangebyscore(keys[i], "-inf", f"({since!r}")
+                            pipe.zrangebyscore(keys[i], low, "+inf", start=offsets[i], num=count, withscores=True)
+                        replies += (await pipe.execute())[1::2] if trim else await pipe.execute()
+                done: set[int] = set()
+                for i, batch in zip(pending, replies):
+                    entries = [(float(score), str(user)) for user, score in batch]
+                    offsets[i] += len(entries)
+                    if len(entries) < count:
+                        done.add(i)
+                    elif entries:
+                        last[i] = entries[-1]
+                    found += [e for e in entries if after is None or e > after]
+                found = sorted(found)[:limit]
+                cutoff = found[-1] if len(found) >= limit else None
+                # a shard read to its end is done; another may still hold entries below the cutoff
+                pending = [i for i in pending if i not in done
+                           and (cutoff is None or (last[i] or cutoff) < cutoff)]
+                trim, count = False, min(count * 2, limit + 1)
         except RedisError as exc:
             raise store_unavailable(exc) from None
-        return found[:limit]
+        return [(user, seen) for seen, user in found]

@@ -12,6 +12,12 @@ arrival time, in milliseconds of the Redis clock, so that every gateway
 agrees on the time), ``v:<name>`` small shared values.  Every key carries
 a TTL.  These are the names and scripts the session store used when it held
 counters and values itself, so whatever was stored before carries over.
+(The session store's own keys all carry a hash tag, ``<prefix>{<tag>}:``,
+so none of them is ever one of these.)
+
+Every operation is one command or one Lua script on one key, so it runs
+alike on a single Redis, behind Sentinel and on a Redis Cluster: no
+transaction (MULTI), no script touching a second key.
 
 A Redis failure surfaces as the session store's own
 :class:`gateway.errors.StoreUnavailable` (the same 503 message): it is the
@@ -53,6 +59,13 @@ redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', ttl)
 return {1, math.floor((window - (new_tat - now)) / interval + 0.000001), ttl}
 """
 
+#: a counter and its TTL in ms, without counting (false when there is none)
+_PEEK = """
+local n = redis.call('GET', KEYS[1])
+if not n then return false end
+return {n, redis.call('PTTL', KEYS[1])}
+"""
+
 #: delete the key only while it holds ARGV[1] (release a lock one still owns)
 _DELETE_IF = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -78,7 +91,7 @@ class _Script:
             return await client.eval(self.source, len(keys), *keys, *args)
 
 
-_SCRIPTS = {"hit": _Script(_HIT), "take": _Script(_TAKE), "delete_if": _Script(_DELETE_IF)}
+_SCRIPTS = {"hit": _Script(_HIT), "take": _Script(_TAKE), "peek": _Script(_PEEK), "delete_if": _Script(_DELETE_IF)}
 
 
 class RedisSharedState(SharedState):
@@ -110,17 +123,10 @@ class RedisSharedState(SharedState):
         return bool(allowed), max(0, int(remaining)), max(0, int(ms)) / 1000
 
     async def peek(self, key: str) -> tuple[int, float]:
-        k = self._counter + key
-        client = self._store.client
-        try:
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.get(k)
-                pipe.pttl(k)
-                count, pttl = await pipe.execute()
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
-        if count is None:
+        found = await self._run("peek", [self._counter + key], [])
+        if not found:
             return 0, 0.0
+        count, pttl = found
         return int(count), max(0, int(pttl)) / 1000
 
     async def clear(self, key: str) -> None:

@@ -690,9 +690,38 @@ class GatewayProcess:
         """What the process has written so far (stdout and stderr)."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the gateway (its supervisor)."""
+        assert self.proc is not None, "the gateway process has not been started"
+        self.proc.send_signal(sig)
+
+    def rewrite_config(self, config: Mapping[str, Any]) -> None:
+        """Write ``config`` (a whole configuration dict, such as a changed
+        copy of :attr:`config`) to the file the gateway reads on ``SIGHUP``;
+        it becomes :attr:`config`."""
+        self.config = merge_config({}, config)
+        write_toml(self.config_path, self.config)
+
+    async def wait_output(self, text: str, count: int = 1, timeout: float = 30.0) -> str:
+        """Wait until ``text`` occurs ``count`` times in :meth:`output`; the output then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.output()
+            if out.count(text) >= count:
+                return out
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.proc.returncode} before {text!r}: {out}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout:g} s: {text!r} x{count} in the output: {out}")
+            await asyncio.sleep(0.05)
+
     def rss(self) -> int:
-        """VmRSS in bytes."""
-        return rss_bytes(self.pid)
+        """The serving processes' VmRSS in bytes: the workers' summed (the
+        supervisor's children; with one worker, that worker's own)."""
+        workers = children_of(self.pid)
+        if not workers:
+            raise AssertionError(f"gateway {self.pid} has no worker")
+        return sum(rss_bytes(pid) for pid in workers)
 
     async def stop(self, timeout: float = 15.0) -> float:
         """SIGTERM; the seconds it took to exit.  One that does not exit
@@ -721,7 +750,7 @@ class GatewayProcess:
 
 
 class RssWatch:
-    """Samples a process's VmRSS every 50 ms while the ``async with`` block
+    """Samples the workers' VmRSS (:meth:`GatewayProcess.rss`) every 50 ms while the ``async with`` block
     runs: :attr:`start` when it began, :attr:`peak` the highest seen."""
 
     def __init__(self, gp: GatewayProcess) -> None:

@@ -16,6 +16,13 @@ The fixtures:
     test fails with a clear message when ``redis-server`` is not installed.
 ``redis_url``
     its URL, emptied (``FLUSHALL``) for each test.
+``redis_cluster``, ``redis_sentinels`` (session)
+    a :class:`gateway.testing.redis_modes.RedisCluster` (three primaries,
+    three replicas) and a :class:`gateway.testing.redis_modes.RedisSentinels`
+    (a primary, a replica, three sentinels) of the test session's own; a
+    test that kills nodes starts its own instead.
+``redis_cluster_options``, ``redis_sentinel_options``
+    :class:`gateway.sessions.connection.RedisOptions` for them, emptied for each test.
 ``upstream``
     a recording :class:`gateway.testing.Upstream` on a free loopback port.
 ``make_gateway``
@@ -41,6 +48,7 @@ import pluggy
 import pytest
 import tornado.ioloop
 
+from gateway.sessions.connection import RedisOptions
 from gateway.testing import (
     Client,
     GatewayFactory,
@@ -50,6 +58,7 @@ from gateway.testing import (
     Upstream,
     base_config,
 )
+from gateway.testing.redis_modes import RedisCluster, RedisSentinels
 
 __all__ = [
     "StartGateway",
@@ -57,6 +66,10 @@ __all__ = [
     "gateway_defaults",
     "gw",
     "make_gateway",
+    "redis_cluster",
+    "redis_cluster_options",
+    "redis_sentinel_options",
+    "redis_sentinels",
     "redis_server",
     "redis_url",
     "upstream",
@@ -93,6 +106,45 @@ def redis_url(redis_server: RedisServer) -> str:
     """The session's redis-server URL, emptied for this test."""
     redis_server.command("FLUSHALL")
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster (three primaries, three replicas) for the whole test session."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+    except RedisServerMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_options(redis_cluster: RedisCluster) -> RedisOptions:
+    """Options for the session's cluster (every node a seed), emptied for this test."""
+    redis_cluster.flush()
+    return RedisOptions(redis_cluster.urls[0], seeds=tuple(redis_cluster.urls), cluster=True)
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinels]:
+    """A primary, its replica and three sentinels for the whole test session."""
+    sentinels = RedisSentinels(tmp_path_factory.mktemp("redis-sentinel"))
+    try:
+        sentinels.start()
+    except RedisServerMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield sentinels
+    sentinels.stop()
+
+
+@pytest.fixture
+def redis_sentinel_options(redis_sentinels: RedisSentinels) -> RedisOptions:
+    """Options for the session's sentinels, the primary emptied for this test."""
+    redis_sentinels.flush()
+    return RedisOptions(redis_sentinels.url, sentinels=tuple(redis_sentinels.sentinels),
+                        sentinel_master=redis_sentinels.master)
 
 
 @pytest.fixture
