@@ -643,6 +643,7 @@ def test_a_provider_cannot_take_the_name_of_a_gateway_endpoint(tmp_path):
 #: What the shipped example configurations read from the environment.
 EXAMPLE_ENVIRONMENT = {
     "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "REDIS_SENTINEL_PASSWORD": "sentinel-password-value",
     "MONGODB_URL": "mongodb://127.0.0.1:27017",
     "GATEWAY_ENCRYPTION_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
     "WECHAT_SHOP_SECRET": "shop-secret-value",
