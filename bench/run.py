@@ -291,28 +291,24 @@ FORWARD_AUTH_CONF = ROOT / "conf" / "nginx-forward-auth.example.conf"
 
 
 async def start_forward_auth_nginx(stack: Stack, gateway_url: str, upstream_url: str) -> str:
-    """nginx with the shipped forward-auth configuration (its placeholders
-    replaced as plain text) in front of ``upstream_url``, asking the
-    gateway at ``gateway_url``; its URL."""
-    nginx = which("nginx")
-    port = free_port()
+    """nginx with the shipped forward-auth configuration (rendered and run
+    by :class:`gateway.testing.nginx.Nginx`, as the tests run it) in front of
+    ``upstream_url``, asking the gateway at ``gateway_url``; its URL.  It is
+    stopped with the stack's other servers."""
+    from gateway.testing.nginx import Nginx, NginxMissing
+
     work = stack.tmp / "forward-auth-nginx"
-    work.mkdir(exist_ok=True)
-    text = FORWARD_AUTH_CONF.read_text()
-    for name, value in (("__LISTEN__", f"127.0.0.1:{port}"), ("__GATEWAY__", gateway_url.split("://", 1)[1]),
-                        ("__UPSTREAM__", upstream_url.split("://", 1)[1]), ("__TEMP_DIR__", str(work)),
-                        ("__LOG_DIR__", str(work))):
-        text = text.replace(name, value)
-    conf = work / "nginx.conf"
-    conf.write_text(text)
-    directives = f"daemon off; pid {work}/nginx.pid;" + (" user root;" if os.geteuid() == 0 else "")
-    proc = stack.start("forward-auth-nginx", [nginx, "-p", str(work), "-c", str(conf), "-g", directives])
+    port = free_port()
+    edge = Nginx(work, FORWARD_AUTH_CONF.read_text(), {
+        "__LISTEN__": f"127.0.0.1:{port}", "__GATEWAY__": gateway_url.split("://", 1)[1],
+        "__UPSTREAM__": upstream_url.split("://", 1)[1], "__TEMP_DIR__": str(work), "__LOG_DIR__": str(work),
+    }, port=port, log_level="warn")
     try:
-        await wait_port(proc, port)
-    except Failed as exc:
-        log = work / "error.log"
-        raise Failed(f"{exc} {log.read_text(errors='replace')[-400:] if log.exists() else ''}") from None
-    return f"http://127.0.0.1:{port}"
+        await asyncio.get_running_loop().run_in_executor(None, edge.start)
+    except (NginxMissing, RuntimeError, ValueError) as exc:
+        raise Failed(str(exc)) from None
+    stack.procs.append(edge)  # type: ignore[arg-type]  # stop_all() stops it too (it has stop())
+    return edge.url
 
 
 async def start_redis(stack: Stack) -> int:
@@ -402,7 +398,7 @@ def gateway_config(tmp: Path, up: Upstreams, port: int, workers: int) -> dict[st
                    "event_loop": EVENT_LOOP,
                    # the forward-auth nginx on loopback asks /auth/verify (clients of the other rows send
                    # no X-Forwarded-* header: nothing else changes)
-                   "trusted_proxies": ["127.0.0.1"]},
+                   "trusted_proxies": ["127.0.0.1"], "forward_auth": True},
         "sessions": {"store": "redis", "redis_url": f"redis://127.0.0.1:{up.redis_port}/0",
                      "idle_timeout": "1h", "touch_interval": "10m", "cookie_secure": False},
         "profiles": {"store": "sqlite", "sqlite_path": str(tmp / "profiles.db")},

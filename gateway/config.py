@@ -271,7 +271,7 @@ class SessionsConfig:
     redis_sentinels: tuple[str, ...] = option(_sentinels, [], "Redis Sentinel: the sentinels, each \"host:port\"; the gateway asks them for the primary of redis_sentinel_master and follows failovers. redis_url's scheme (rediss:// for TLS, to the sentinels too), username, password and database then apply to the primary; its host and port are not used")
     redis_sentinel_master: str = option(_pattern(re.compile(r"^\S+$"), "a master name without spaces"), "mymaster", "the name the sentinels monitor the primary under (`sentinel monitor <name> ...`)")
     redis_sentinel_password: str = option(STR, "", "password of the sentinels themselves (`requirepass` in sentinel.conf); empty: none", secret=True)
-    redis_timeout: float = option(POSITIVE_DURATION, "0.5s", "socket connect/read timeout for Redis; one retry")
+    redis_timeout: float = option(POSITIVE_DURATION, "0.5s", "socket connect/read timeout for Redis, with one retry; whatever happens, a store call answers 503 unavailable after the longer of redis_pool_timeout and twice this (1 s by default)")
     redis_max_connections: int = option(at_least(INT, 1), 1000, "connections to Redis per process (with redis_cluster: per node); a request beyond them waits for a free one (with redis_cluster: 503 unavailable at once)")
     redis_pool_timeout: float = option(POSITIVE_DURATION, "1s", "longest wait for a free Redis connection (503 unavailable beyond; not with redis_cluster)")
     idle_timeout: float = option(POSITIVE_DURATION, "30m", "a session unused this long ends")

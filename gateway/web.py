@@ -39,7 +39,8 @@ access_log = logging.getLogger("gateway.access")
 
 def make_app(gateway: Gateway, **settings: Any) -> tornado.web.Application:
     handlers: list[Any] = auth_handlers.routes(gateway) + auth_handlers.provider_routes(gateway)
-    handlers += verify.routes(gateway.auth_path("verify"))  # forward auth, for a proxy in front (nginx, Traefik)
+    if gateway.config.server.forward_auth:  # off: /auth/verify is as unknown as any other path there
+        handlers += verify.routes(gateway.auth_path("verify"))  # forward auth, for a proxy in front (nginx, Traefik)
     for _, contributed in build_time_hook(gateway.pm, "gateway_handlers", gateway=gateway):
         handlers.extend(contributed)  # after the gateway's own: a plugin cannot shadow /refresh
     labels = metrics.RouteLabels(_patterns(handlers))

@@ -318,3 +318,45 @@ async def test_sentinels_and_their_primary_over_tls(tmp_path):
             await store.close()
     finally:
         sentinels.stop()
+
+
+@pytest.mark.parametrize("mode", ["single", "sentinel"])
+@pytest.mark.gen_test(timeout=30)
+async def test_a_redis_that_accepts_and_never_answers_is_a_503_within_the_deadline(mode):
+    """A blackholed server (it accepts connections and answers nothing):
+    however the client spends its time (a read timeout and its retry, four
+    sentinels asked one after another), each call answers 503 by the
+    store's deadline, 1 s by default."""
+    import socket
+
+    silent = []
+    for _ in range(4):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        silent.append(sock)
+    ports = [s.getsockname()[1] for s in silent]
+    try:
+        if mode == "single":
+            options = RedisOptions(f"redis://127.0.0.1:{ports[0]}/0")
+        else:
+            options = RedisOptions("redis://127.0.0.1:1/0", sentinels=tuple(f"127.0.0.1:{p}" for p in ports))
+        assert options.deadline == 1.0
+        store = RedisSessionStore(options=options)
+        await store.open()
+        try:
+            mgr = SessionManager(store, idle_timeout=60, absolute_timeout=600, touch_interval=10, rotation_grace=5)
+            for call in (lambda: mgr.create("u1", "password"), lambda: store.list_user("u1"),
+                         lambda: store.get("s_000_abcdefgh")):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable) as info:
+                    await call()
+                took = time.monotonic() - started
+                print(f"{mode}: 503 after {took:.2f} s")
+                assert took < 1.6  # the deadline, with room for a shared machine
+                assert (info.value.status, info.value.code) == (503, "unavailable")
+        finally:
+            await store.close()
+    finally:
+        for sock in silent:
+            sock.close()

@@ -527,17 +527,20 @@ class BaseHandler(tornado.web.RequestHandler):
 
 
 def _in_networks(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    """Is ``address`` in one of ``networks``?  Remembered per process for the
-    last :data:`_MEMBERSHIP_MAX` pairs (each request asks it of its peer and of
-    its X-Forwarded-For hops, with the same few networks)."""
+    """Is ``address`` in one of ``networks``?  Each request asks it of its
+    peer and of its X-Forwarded-For hops, with the same few networks: the
+    answers for up to :data:`_MEMBERSHIP_MAX` short addresses are kept per
+    process (a longer text, which no address is, is judged every time)."""
     if not networks:
         return False
+    if len(address) > _ADDRESS_MAX:
+        return _in_networks_uncached(address, networks)
     key = (address, tuple(networks))
     found = _membership.get(key)
     if found is None:
+        if len(_membership) >= _MEMBERSHIP_MAX:
+            _membership.clear()
         found = _membership[key] = _in_networks_uncached(address, networks)
-        if len(_membership) > _MEMBERSHIP_MAX:
-            del _membership[next(iter(_membership))]  # the oldest entry
     return found
 
 
@@ -551,6 +554,8 @@ def _in_networks_uncached(address: str, networks: Sequence[ipaddress.IPv4Network
 
 #: how many (address, networks) answers :func:`_in_networks` keeps
 _MEMBERSHIP_MAX = 4096
+#: the longest text :func:`_in_networks` keeps an answer for (an IPv6 address with a zone fits)
+_ADDRESS_MAX = 64
 _membership: dict[tuple[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]], bool] = {}
 
 

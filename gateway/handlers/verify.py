@@ -5,7 +5,8 @@ The proxy asks, for each request it is about to forward, whether the
 gateway lets it through: it sends the client's headers (cookie,
 ``Authorization``, ``Origin``...) and the original method and URI, in
 ``X-Original-Method``/``X-Original-URI`` (nginx) or
-``X-Forwarded-Method``/``X-Forwarded-Uri`` (Traefik).  Those are believed
+``X-Forwarded-Method``/``X-Forwarded-Uri`` (Traefik).  The endpoint is
+off (404) unless ``server.forward_auth``; those headers are believed
 only from a peer in ``server.trusted_proxies``: any other peer gets 403,
 a request naming no original URI 400, and nothing is evaluated (a spoofed
 original URI must never pick a laxer route).
@@ -20,6 +21,12 @@ caller (identity, consent, profile headers, the signed assertion, a
 provider's and plugins' headers), for the proxy to copy.  Refused: the
 usual JSON error (401 with ``WWW-Authenticate``, a dead cookie cleared,
 403, 404 for no route, 429...).  Nothing is fetched upstream.
+
+``X-Gateway-Verify: refusal`` marks the proxy's second question about a
+refused request (nginx's ``error_page``), whose answer goes to the client:
+then an allowed request is answered 503 "try again", never 200 (the
+upstream never saw it), and a CORS preflight to a non-public route, which
+is never let through, gets the proxy's own answer.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ class VerifyHandler(ProxyHandler):
         {200: None},
         errors=(400, 401, 403, 404, 429, 503),
         description="For a proxy in front of the upstreams (nginx `auth_request`, Traefik `ForwardAuth`), "
-                    "from a peer in `server.trusted_proxies` only (403 for any other). The original request is "
+                    "with `server.forward_auth = true` (404 otherwise), from a peer in `server.trusted_proxies` "
+                    "only (403 for any other). The original request is "
                     "named by `X-Original-Method` and `X-Original-URI` (or `X-Forwarded-Method` and "
                     "`X-Forwarded-Uri`) and judged by the route its path matches, as the proxy judges it. "
                     "200 (no body) carries the headers the proxy would send upstream: `X-User-Id`, "

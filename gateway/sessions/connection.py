@@ -74,6 +74,14 @@ class RedisOptions:
     sentinel_password: str = field(default="", repr=False)
 
     @property
+    def deadline(self) -> float:
+        """The longest one store call may take before it answers 503: the
+        wait for a connection or two socket timeouts (a try and its retry),
+        whichever is longer (1 s by default), however the time is spent
+        (a blackholed node, sentinels asked one after another)."""
+        return max(self.pool_timeout, 2 * self.timeout)
+
+    @property
     def mode(self) -> str:
         """``"cluster"``, ``"sentinel"`` or ``"single"``."""
         return "cluster" if self.cluster else "sentinel" if self.sentinels else "single"

@@ -55,6 +55,7 @@ failing while Redis is healthy.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -210,6 +211,9 @@ return raw
 """
 
 
+#: how many store deadlines a listing of the online index, which reads every shard, may take
+ONLINE_BUDGET = 5.0
+
 #: the online index forgets a user unseen this long (trimmed at each login)
 ONLINE_KEEP = 86400.0
 
@@ -218,10 +222,31 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-def store_unavailable(exc: Exception) -> StoreUnavailable:
+class Guard:
+    """``async with``: a Redis call that fails, or takes longer than
+    ``deadline`` seconds, is the session store's 503 (``StoreUnavailable``)."""
+
+    __slots__ = ("_timeout",)
+
+    def __init__(self, deadline: float) -> None:
+        self._timeout = asyncio.timeout(deadline)
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            await self._timeout.__aexit__(kind, exc, tb)
+        except TimeoutError as late:
+            raise store_unavailable(late, "no answer in time") from None
+        if isinstance(exc, RedisError):
+            raise store_unavailable(exc) from None
+
+
+def store_unavailable(exc: BaseException, what: str = "") -> StoreUnavailable:
     """The 503 for a failed Redis call (this store's or the shared state's)."""
     # The exception text names host and port, never the password.
-    return StoreUnavailable("session store", log_message=f"redis: {type(exc).__name__}: {exc}")
+    return StoreUnavailable("session store", log_message=f"redis: {type(exc).__name__}: {what or exc}")
 
 
 class RedisSessionStore(SessionStore):
@@ -253,6 +278,10 @@ class RedisSessionStore(SessionStore):
             await self._client.aclose()
             self._client = None
 
+    def guard(self, scale: float = 1.0) -> Guard:
+        """A fresh :class:`Guard` with this store's deadline (``scale`` times it)."""
+        return Guard(self._options.deadline * scale)
+
     @property
     def client(self) -> RedisClient:
         """The Redis client (``decode_responses``), from :meth:`open` until
@@ -283,13 +312,11 @@ class RedisSessionStore(SessionStore):
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         found = self._scripts[script]
         client = self.client
-        try:
+        async with self.guard():
             try:  # EVALSHA straight away: the cheapest call on the hot path
                 return await client.evalsha(found.sha, len(keys), *keys, *args)
             except NoScriptError:  # a restarted or flushed Redis (node): EVAL loads it again, one round trip
                 return await client.eval(found.script, len(keys), *keys, *args)
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
 
     async def create(self, record: Record, ttl: float, max_per_user: int) -> list[Record]:
         b = self.base(self._tag(record))
@@ -324,10 +351,8 @@ class RedisSessionStore(SessionStore):
         tag = hash_tag(token_hash)
         if tag is None:
             return None
-        try:
+        async with self.guard():
             reason = await self.client.get(f"{self.base(tag)}e:{token_hash}")
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
         return str(reason) if reason else None  # (decode_responses: already text)
 
     def _marking(self, ttl: float) -> list[int]:
@@ -341,10 +366,8 @@ class RedisSessionStore(SessionStore):
         tag = session_tag(session_id)
         if tag is None:  # not a session id (an old one, garbage from a URL): none
             return None
-        try:
+        async with self.guard():
             raw = await self.client.get(f"{self.base(tag)}s:{session_id}")
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
         return json.loads(raw) if raw else None
 
     async def _save(self, record: Record, ttl: float, grace: float | None) -> bool:
@@ -380,7 +403,7 @@ class RedisSessionStore(SessionStore):
     async def list_user(self, user_id: str) -> list[Record]:
         b = self.base(slot_tag(user_id))
         ukey = f"{b}u:{user_id}"
-        try:
+        async with self.guard():
             ids: list[Any] = await self.client.zrange(ukey, 0, -1)
             if not ids:
                 return []
@@ -388,8 +411,6 @@ class RedisSessionStore(SessionStore):
             dead = [i for i, r in zip(ids, raws) if r is None]
             if dead:
                 await self.client.zrem(ukey, *dead)
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
         return [json.loads(r) for r in raws if r is not None]
 
     async def online(self, since: float, limit: int, after: tuple[float, str] | None = None) -> list[tuple[str, float]]:
@@ -408,7 +429,7 @@ class RedisSessionStore(SessionStore):
         pending = list(range(len(keys)))
         found: list[tuple[float, str]] = []
         trim = True
-        try:
+        async with self.guard(ONLINE_BUDGET):
             while pending:
                 replies: list[Any] = []
                 for start in range(0, len(pending), self.ONLINE_CHUNK):
@@ -433,6 +454,4 @@ class RedisSessionStore(SessionStore):
                 pending = [i for i in pending if i not in done
                            and (cutoff is None or (last[i] or cutoff) < cutoff)]
                 trim, count = False, min(count * 2, limit + 1)
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
         return [(user, seen) for seen, user in found]

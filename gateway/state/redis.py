@@ -109,10 +109,8 @@ class RedisSharedState(SharedState):
 
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         client = self._store.client  # StoreUnavailable before the store is open
-        try:
+        async with self._store.guard():
             return await _SCRIPTS[script].run(client, keys, args)
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
 
     async def hit(self, key: str, window: float) -> tuple[int, float]:
         count, pttl = await self._run("hit", [self._counter + key], [_ms(window)])
@@ -131,39 +129,29 @@ class RedisSharedState(SharedState):
 
     async def clear(self, key: str) -> None:
         client = self._store.client
-        try:
+        async with self._store.guard():
             await client.delete(self._counter + key)
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
 
     async def get_value(self, key: str) -> str | None:
         client = self._store.client
-        try:
+        async with self._store.guard():
             value = await client.get(self._value + key)
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
         return None if value is None else str(value)  # the client decodes responses
 
     async def set_value(self, key: str, value: str, ttl: float) -> None:
         client = self._store.client
-        try:
+        async with self._store.guard():
             await client.set(self._value + key, value, px=_ms(ttl))
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
 
     async def add_value(self, key: str, value: str, ttl: float) -> bool:
         client = self._store.client
-        try:
+        async with self._store.guard():
             return bool(await client.set(self._value + key, value, px=_ms(ttl), nx=True))
-        except RedisError as exc:
-            raise store_unavailable(exc) from None
 
     async def delete_value(self, key: str, expected: str | None = None) -> bool:
         k = self._value + key
         if expected is not None:
             return bool(await self._run("delete_if", [k], [expected]))
         client = self._store.client
-        try:
+        async with self._store.guard():
             return bool(await client.delete(k))
-        except RedisError as exc:
-            raise store_unavailable(exc) from None

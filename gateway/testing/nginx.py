@@ -55,12 +55,14 @@ class Nginx:
     between double underscores, such as ``__LISTEN__``) is an error, so a
     test cannot run a half-rendered file.  ``port`` is where it listens (a
     free loopback port by default): give it to the placeholder of the
-    ``listen`` directive.
+    ``listen`` directive.  ``log_level`` is its error log's (``info`` by
+    default, for a test's diagnosis; ``warn`` for a measurement).
     """
 
     def __init__(self, workdir: Path, config: str, placeholders: Mapping[str, str], *,
-                 port: int | None = None) -> None:
+                 port: int | None = None, log_level: str = "info") -> None:
         self.workdir = Path(workdir)
+        self.log_level = log_level
         self.port = port if port is not None else _free_port()
         self.text = render(config, placeholders)
         self.conf_path = self.workdir / "nginx.conf"
@@ -75,7 +77,7 @@ class Nginx:
     def argv(self) -> list[str]:
         """The command line: this directory as nginx's prefix, the
         rendered file, and the process's own pid file and error log."""
-        directives = f"daemon off; pid {self.pid_file}; error_log {self.error_log} info;"
+        directives = f"daemon off; pid {self.pid_file}; error_log {self.error_log} {self.log_level};"
         if os.geteuid() == 0:  # the workers would run as nobody, who cannot reach a private temp dir
             directives += " user root;"
         return [find_nginx(), "-p", str(self.workdir), "-c", str(self.conf_path), "-g", directives]
