@@ -40,7 +40,8 @@ access_log = logging.getLogger("gateway.access")
 def make_app(gateway: Gateway, **settings: Any) -> tornado.web.Application:
     handlers: list[Any] = auth_handlers.routes(gateway) + auth_handlers.provider_routes(gateway)
     if gateway.config.server.forward_auth:  # off: /auth/verify is as unknown as any other path there
-        handlers += verify.routes(gateway.auth_path("verify"))  # forward auth, for a proxy in front (nginx, Traefik)
+        # forward auth, for a proxy in front (nginx, Traefik; Envoy's ext_authz under verify/envoy/)
+        handlers += verify.routes(gateway.auth_path("verify"), gateway.config.server.auth_prefix)
     for _, contributed in build_time_hook(gateway.pm, "gateway_handlers", gateway=gateway):
         handlers.extend(contributed)  # after the gateway's own: a plugin cannot shadow /refresh
     labels = metrics.RouteLabels(_patterns(handlers))

@@ -6,6 +6,8 @@ The first tests run the core contract through a real nginx started with
 with real ports and directories), a real gateway and a real recording
 upstream, all on loopback.  The others ask ``/auth/verify`` directly, as a
 proxy would: who is believed, which route judges, the proxy's refusals.
+The last section asks ``/auth/verify/envoy/<original path>`` as Envoy's HTTP
+``ext_authz`` does.
 """
 
 from __future__ import annotations
@@ -700,3 +702,254 @@ async def test_an_auth_prefix_of_slash_leaves_no_route_to_verify(make_gateway, u
                                                 "auth_prefix": "/"}))
     r = await rg.client.request("GET", "/verify", headers=original("GET", "/api/x"))
     assert_error(r, 404, "not_found", contains="/api/x")
+
+
+# == Envoy ext_authz (HTTP service) ========================================================
+#
+# Envoy's HTTP ext_authz names the original request by the authorization request
+# itself: the original method, and the original path and query appended to the
+# configured path_prefix (here /auth/verify/envoy), with Content-Length: 0 and only
+# the headers its allowed_headers let through (Authorization always).  It lets the
+# request through on 200 only and relays any other answer to the client as it is.
+# These tests send exactly such requests to a real gateway.
+
+ENVOY = "/auth/verify/envoy"
+
+
+async def envoy(rg: RunningGateway, method: str, uri: str, **kw: Any) -> Any:
+    """The authorization request Envoy sends for ``method uri`` (no body, Content-Length: 0)."""
+    return await rg.client.request(method, ENVOY + uri, body=b"" if method != "HEAD" else None, **kw)
+
+
+@pytest.mark.gen_test
+async def test_envoy_an_allowed_request_is_200_with_the_identity_headers(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path)
+    login = await rg.client.register()
+    token = login["token"]
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        r = await envoy(rg, method, "/api/orders?x=1", token=token)
+        assert r.code == 200 and r.body == b"", (method, r.code, r.body)
+        assert r.headers["X-User-Id"] == login["user"]["id"], method
+        assert r.headers["X-Session-Id"] == login["session"]["id"]
+        assert r.headers["X-Auth-Provider"] == "password"
+        assert r.headers["X-Route-Prefix"] == "/api/"  # what the proxy would add (the test plugin's)
+        assert "X-Auth-Scopes" not in r.headers and "X-Gateway-Assertion" not in r.headers
+    # the session cookie, as Envoy passes it when allowed_headers lists cookie
+    r = await envoy(rg, "GET", "/api/orders", headers={"Cookie": f"theme=dark; gw_session={token}"})
+    assert r.code == 200 and r.headers["X-User-Id"] == login["user"]["id"]
+    r = await envoy(rg, "GET", "/signed/x", token=token)
+    assert r.code == 200 and r.headers["X-Gateway-Assertion"].count(".") == 2
+    assert upstream.seen == []  # nothing is fetched upstream
+
+
+@pytest.mark.gen_test
+async def test_envoy_no_session_is_the_401_the_client_gets(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path)
+    r = await envoy(rg, "GET", "/api/x")
+    assert_error(r, 401, "unauthenticated", fields={"reason": "missing"})
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="gateway"'
+    for name in IDENTITY:
+        assert name not in r.headers, name
+    # a dead cookie: cleared, with the challenge, as the proxy answers
+    token = (await rg.client.register())["token"]
+    assert (await rg.client.request("POST", "/auth/logout", token=token)).code == 204
+    r = await envoy(rg, "POST", "/api/x", headers={"Cookie": f"gw_session={token}"})
+    assert_error(r, 401, "unauthenticated", fields={"reason": "revoked"})
+    assert cookie_value(r) in ("", '""') and "expires=" in (cookie_header(r) or "").lower()
+
+
+@pytest.mark.gen_test
+async def test_envoy_the_original_path_picks_the_route_whose_rules_apply(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path)
+    token = (await rg.client.register())["token"]
+    r = await envoy(rg, "GET", "/read/x", headers=KEY)
+    assert r.code == 200 and r.headers["X-Auth-Scopes"] == "read write" and r.headers["X-User-Id"] == "u_key"
+    assert_error(await envoy(rg, "GET", "/admin/x", headers=KEY), 403, "forbidden", contains="admin")
+    assert_error(await envoy(rg, "GET", "/keys-only/x", token=token), 403, "forbidden")
+    assert (await envoy(rg, "GET", "/keys-only/x", headers=KEY)).code == 200
+    for uri in ("/opt/x", "/public/x?page=2"):
+        r = await envoy(rg, "GET", uri)
+        assert r.code == 200 and "X-User-Id" not in r.headers, uri
+    assert_error(await envoy(rg, "GET", "/nowhere/x", token=token), 404, "not_found", contains="/nowhere/x")
+    # the gateway's own endpoints are no route to judge
+    assert_error(await envoy(rg, "GET", "/auth/session", token=token), 400, "invalid_request", contains="/auth/")
+
+
+@pytest.mark.gen_test
+async def test_envoy_a_credential_in_the_original_query_is_refused_as_the_proxy_refuses_it(
+        make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path)
+    token = (await rg.client.register())["token"]
+    r = await envoy(rg, "GET", f"/public/x?t={token}")
+    direct = await rg.client.request("GET", f"/public/x?t={token}")
+    assert_error(r, 400, "invalid_request", contains="query")
+    assert body(r) == body(direct)
+    assert token not in r.body.decode()
+
+
+#: original paths the proxy refuses (400): dot segments, plain or encoded, an encoded slash after "..", control characters
+REFUSED = ("/public/../api/x", "/public/%2e%2e/api/x", "/public/..%2fapi/x", "/public/..%2Fapi/x", "/public/x%00",
+           "/%61pi/x")
+
+
+@pytest.mark.parametrize("uri", [*REFUSED, "/public/%2Fapi/x",
+                                 "/public/%2fapi/x", "/API/x", "/public//api/x", "/public;x/y", "/opt/x"])
+@pytest.mark.gen_test
+async def test_envoy_an_ambiguous_path_is_refused_as_the_proxy_refuses_it(make_gateway, upstream, tmp_path, uri):
+    rg = await start(make_gateway, upstream, tmp_path)
+    r = await envoy(rg, "GET", uri)
+    direct = await rg.client.request("GET", uri)  # the proxy's own answer for that path
+    assert r.code == direct.code, (uri, direct.code, r.code)
+    if direct.code != 200:
+        assert body(r) == body(direct), uri
+    if uri in REFUSED:  # read from the raw target: a decoded "/" or "." would have picked /api/
+        assert_error(r, 400, "invalid_request", contains="path")
+
+
+@pytest.mark.gen_test
+async def test_envoy_csrf_applies_to_the_unsafe_original_method(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path)
+    token = (await rg.client.register())["token"]
+    cookie = {"Cookie": f"gw_session={token}"}
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        assert_error(await envoy(rg, method, "/api/x", headers={**cookie, "Origin": "https://evil.example"}), 403, "csrf")
+        assert_error(await envoy(rg, method, "/api/x", headers=cookie), 403, "csrf")
+        assert (await envoy(rg, method, "/api/x", headers={**cookie, "X-Requested-With": "fetch"})).code == 200
+        assert (await envoy(rg, method, "/api/x", token=token,
+                            headers={"Origin": "https://evil.example"})).code == 200  # Bearer needs no Origin
+    # the gateway's own origin: the Host Envoy passes is the client's
+    r = await envoy(rg, "POST", "/api/x", headers={**cookie, "Origin": "https://app.example.com",
+                                                  "Host": "app.example.com", "X-Forwarded-Proto": "https"})
+    assert r.code == 200
+    assert (await envoy(rg, "GET", "/api/x", headers={**cookie, "Origin": "https://evil.example"})).code == 200
+
+
+@pytest.mark.gen_test
+async def test_envoy_a_preflight_gets_the_proxys_own_answer_never_a_200(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path, sessions={"allowed_origins": [ORIGIN]})
+    ask = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "content-type, x-thing"}
+    for extra in ({}, REASK):  # the refusal marker changes nothing here
+        r = await envoy(rg, "OPTIONS", "/api/x", headers={**ask, **extra})
+        direct = await rg.client.request("OPTIONS", "/api/x", headers=ask)
+        assert r.code == direct.code == 204  # not 200: Envoy relays it and never forwards the OPTIONS
+        cors = [n for n in direct.headers if n.lower().startswith("access-control-")]
+        assert {"Access-Control-Allow-Origin", "Access-Control-Allow-Methods", "Access-Control-Allow-Headers",
+                "Access-Control-Max-Age"} <= set(cors)
+        assert {n: r.headers.get(n) for n in [*cors, "Vary"]} == {n: direct.headers.get(n) for n in [*cors, "Vary"]}
+        for name in IDENTITY:
+            assert name not in r.headers, name
+    r = await envoy(rg, "OPTIONS", "/api/x", headers={**ask, "Origin": "https://evil.example"})
+    assert_error(r, 403, "forbidden")
+    assert "Access-Control-Allow-Origin" not in r.headers
+    assert upstream.seen == []
+    # a public route's preflight is the upstream's to answer, as through the proxy
+    assert (await envoy(rg, "OPTIONS", "/public/x", headers=ask)).code == 200
+
+
+@pytest.mark.gen_test
+async def test_envoy_the_refusal_marker_means_nothing(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path)
+    login = await rg.client.register()
+    for method in ("GET", "POST"):
+        r = await envoy(rg, method, "/api/x", token=login["token"], headers=REASK)
+        assert r.code == 200 and r.headers["X-User-Id"] == login["user"]["id"], (r.code, r.body)
+    assert (await envoy(rg, "GET", "/public/x", headers=REASK)).code == 200
+    assert_error(await envoy(rg, "GET", "/api/x", headers=REASK), 401, "unauthenticated")
+
+
+@pytest.mark.gen_test
+async def test_envoy_an_untrusted_peer_is_refused_whatever_it_asks(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path, trusted=["10.0.0.0/8"])
+    token = (await rg.client.register())["token"]
+    for method, uri in (("GET", "/api/x"), ("POST", "/public/x"), ("GET", "/nowhere")):
+        r = await envoy(rg, method, uri, token=token)
+        assert_error(r, 403, "forbidden", contains="server.trusted_proxies")
+        assert "X-User-Id" not in r.headers
+
+
+@pytest.mark.gen_test
+async def test_envoy_forward_auth_off_is_an_unknown_endpoint(make_gateway, upstream, tmp_path):
+    rg = await make_gateway(base_config(upstream.url, tmp_path, server={"trusted_proxies": ["127.0.0.1"]}))
+    token = (await rg.client.register())["token"]
+    for method in ("GET", "POST", "OPTIONS"):
+        r = await envoy(rg, method, "/api/x", token=token)
+        assert_error(r, 404, "not_found", contains=ENVOY)
+        assert "X-User-Id" not in r.headers
+    assert upstream.seen == []
+
+
+@pytest.mark.gen_test
+async def test_envoy_a_body_is_refused_unread(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path)
+    token = (await rg.client.register())["token"]
+    r = await rg.client.request("POST", ENVOY + "/api/x", token=token, body=b'{"a": 1}')
+    assert_error(r, 400, "invalid_request", contains="with_request_body")
+    assert "X-User-Id" not in r.headers
+
+    async def chunks(write: Any) -> None:
+        await write(b"x" * 1000)
+
+    r = await rg.client.http.fetch(rg.client.base_url + ENVOY + "/api/x", method="PUT", body_producer=chunks,
+                                   headers={"Authorization": f"Bearer {token}"}, raise_error=False)  # chunked
+    assert_error(r, 400, "invalid_request", contains="with_request_body")
+    assert (await envoy(rg, "PUT", "/api/x", token=token)).code == 200  # Content-Length: 0 is no body
+
+
+@pytest.mark.gen_test
+async def test_envoy_upgrades_are_judged_as_handshakes(make_gateway, upstream, tmp_path):
+    ws_routes = [{"prefix": "/ws/", "upstream": upstream.url, "websocket": True},
+                 {"prefix": "/api/", "upstream": upstream.url}]
+    rg = await make_gateway(base_config(upstream.url, tmp_path, routes=ws_routes,
+                                        server={"trusted_proxies": ["127.0.0.1"], "forward_auth": True}))
+    login = await rg.client.register()
+    token = login["token"]
+    ws = {"Upgrade": "websocket"}
+    r = await envoy(rg, "GET", "/ws/chat", token=token, headers=ws)
+    assert r.code == 200 and r.headers["X-User-Id"] == login["user"]["id"]
+    assert_error(await envoy(rg, "GET", "/api/chat", token=token, headers=ws), 400, "invalid_request",
+                 contains="WebSocket")
+    assert_error(await envoy(rg, "POST", "/ws/chat", token=token, headers=ws), 400, "invalid_request", contains="GET")
+    assert_error(await envoy(rg, "GET", "/ws/chat", headers={**ws, "Cookie": f"gw_session={token}",
+                                                             "Origin": "https://evil.example"}), 403, "csrf")
+    assert_error(await envoy(rg, "GET", "/ws/chat", token=token, headers={"Upgrade": "h2c"}), 400,
+                 "invalid_request", contains="Upgrade")
+    assert_error(await envoy(rg, "GET", "/ws/chat", headers={"Cookie": f"gw_session={token}; gw_session={token}; "
+                                                                       f"gw_session={token}"}),
+                 400, "invalid_request", contains="gw_session")
+
+
+@pytest.mark.gen_test
+async def test_envoy_rate_limits_and_metrics_are_the_routes(make_gateway, upstream, tmp_path):
+    rg = await start(make_gateway, upstream, tmp_path)
+    token = (await rg.client.register())["token"]
+
+    def answered(method: str, status: str) -> float:
+        return REGISTRY.get_sample_value("gateway_http_requests_total",
+                                         {"route": "/limited/", "method": method, "status": status}) or 0.0
+
+    ok_before, limited_before = answered("POST", "200"), answered("GET", "429")
+    for left in (1, 0):
+        r = await envoy(rg, "POST", "/limited/x", token=token)
+        assert r.code == 200 and f"r={left}" in r.headers["RateLimit"]
+        assert r.headers["RateLimit-Policy"] == '"lim";q=2;w=60'
+    r = await envoy(rg, "GET", "/limited/x", token=token)
+    data = assert_error(r, 429, "rate_limited")
+    assert data["limit"] == "lim" and r.headers["Retry-After"] == str(data["retry_after"])
+    # one count, whichever way a request comes
+    assert_error(await rg.client.request("GET", VERIFY, token=token, headers=original("GET", "/limited/x")),
+                 429, "rate_limited")
+    assert answered("POST", "200") - ok_before == 2 and answered("GET", "429") - limited_before == 2
+
+
+@pytest.mark.gen_test
+async def test_envoy_path_is_not_in_the_openapi_document_which_stays_valid(make_gateway, upstream, tmp_path):
+    from openapi_spec_validator import validate
+
+    rg = await start(make_gateway, upstream, tmp_path)
+    r = await rg.client.request("GET", "/auth/openapi.json")
+    assert r.code == 200
+    doc = body(r)
+    validate(doc)
+    assert "get" in doc["paths"]["/auth/verify"]
+    assert not [p for p in doc["paths"] if p.startswith(ENVOY)]

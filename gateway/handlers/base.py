@@ -13,7 +13,7 @@ import logging
 import re
 import secrets
 from functools import cached_property
-from typing import Any, Awaitable, Sequence, cast
+from typing import Any, Awaitable, Sequence
 from urllib.parse import urlsplit
 
 import tornado.escape
@@ -55,7 +55,8 @@ class BaseHandler(tornado.web.RequestHandler):
 
     @property
     def gateway(self) -> Gateway:
-        return cast(Gateway, self.application.settings["gateway"])
+        gateway: Gateway = self.application.settings["gateway"]  # (asked many times a request: no cast() call)
+        return gateway
 
     # -- body ---------------------------------------------------------------
 

@@ -27,6 +27,14 @@ refused request (nginx's ``error_page``), whose answer goes to the client:
 then an allowed request is answered 503 "try again", never 200 (the
 upstream never saw it), and a CORS preflight to a non-public route, which
 is never let through, gets the proxy's own answer.
+
+``{auth_prefix}/verify/envoy/<original path>`` is the same judgement for
+Envoy's HTTP ``ext_authz``, which names the original request by the
+authorization request itself: its method, and its path and query after the
+configured ``path_prefix`` (:class:`EnvoyVerifyHandler`).  Envoy lets a
+request through on 200 only and relays any other answer to the client as it
+is, so there is no second question, and a CORS preflight gets the proxy's
+own answer (204, never 200) at once.
 """
 
 from __future__ import annotations
@@ -62,7 +70,9 @@ class VerifyHandler(ProxyHandler):
                     "`X-Forwarded-Uri`) and judged by the route its path matches, as the proxy judges it. "
                     "200 (no body) carries the headers the proxy would send upstream: `X-User-Id`, "
                     "`X-Auth-Provider`, `X-Session-Id`, `X-Auth-Scopes`, `X-Gateway-Assertion` on a route "
-                    "with `assertion`, and the others a provider or a plugin adds.",
+                    "with `assertion`, and the others a provider or a plugin adds. Envoy's HTTP `ext_authz` "
+                    "asks `/auth/verify/envoy/<original path>` with the original method instead (not "
+                    "described here: each such path stands for an upstream's).",
     )}
 
     #: the original request's method (for CSRF and preflights)
@@ -70,6 +80,10 @@ class VerifyHandler(ProxyHandler):
 
     #: answering a preflight, which names the methods the proxy forwards, as the proxy's answer does
     _preflight = False
+
+    #: the proxy in front lets a request through on 200 only and relays any other answer to the
+    #: client as it is (Envoy): a preflight is answered at once, as the gateway's proxy answers it
+    relays_non_200: ClassVar[bool] = False
 
     def allowed_methods(self) -> list[str]:
         return list(ProxyHandler.SUPPORTED_METHODS) if self._preflight else ["GET"]
@@ -100,7 +114,7 @@ class VerifyHandler(ProxyHandler):
                 and headers.get("Access-Control-Request-Method"):  # a CORS preflight, which carries no credential
             # Never let through (the proxy answers it itself: an unauthenticated OPTIONS must not
             # reach an upstream that may not check the method); asked again, answered as the proxy does.
-            if self.allowed_origin() is None or self._second_question():
+            if self.allowed_origin() is None or self.relays_non_200 or self._second_question():
                 self._preflight = True
                 return self.answer_preflight()  # 403 for an origin not in allowed_origins
             raise GatewayError("forbidden", "a CORS preflight to this route is answered by the gateway itself, "
@@ -186,6 +200,53 @@ class VerifyHandler(ProxyHandler):
         self.finish()
 
 
-def routes(pattern: str) -> list[tuple[Any, ...]]:
-    """The verify route, at ``pattern`` (``auth_path("verify")``)."""
-    return [(pattern, VerifyHandler)]
+class EnvoyVerifyHandler(VerifyHandler):
+    """Forward auth for Envoy's HTTP ``ext_authz``: the authorization
+    request is the original request's method, with its path and query after
+    ``path_prefix`` (``{auth_prefix}/verify/envoy``), and no body.
+
+    Judged exactly as :class:`VerifyHandler` judges the request its headers
+    name; only the way of reading the original request differs.  The path
+    is taken from the raw request target, never from a decoded capture, so
+    an encoded ``/`` or a dot segment is refused as the proxy refuses it.
+    ``X-Gateway-Verify`` means nothing here (Envoy asks once).  Not in the
+    OpenAPI document: the "endpoint" is every path under the prefix, with
+    every method the proxy forwards, each standing for an upstream's."""
+
+    SUPPORTED_METHODS = ProxyHandler.SUPPORTED_METHODS  # type: ignore[assignment]  # the original method is its own
+    operations: ClassVar[Mapping[str, Operation]] = {}
+    relays_non_200 = True
+
+    def allowed_methods(self) -> list[str]:
+        return list(ProxyHandler.SUPPORTED_METHODS)
+
+    def _second_question(self) -> bool:
+        return False  # Envoy relays its one answer: a refusal marker is a client's, and ignored
+
+    def _original(self) -> tuple[str, str]:
+        """The request's own method, and its target after the prefix.  A
+        body (``with_request_body``) is refused unread: the gateway never
+        reads one in forward auth, and reading it would cost memory for nothing."""
+        headers = self.request.headers
+        length = headers.get("Content-Length", "0").strip()
+        if "Transfer-Encoding" in headers or not length.isdigit() or int(length) != 0:
+            raise invalid_request("the authorization request must carry no body (Content-Length: 0): leave "
+                                  "Envoy's with_request_body unset; forward auth never reads a body")
+        prefix = envoy_prefix(self.gateway.config.server.auth_prefix)
+        uri = self.request.uri or ""
+        if not uri.startswith(prefix + "/"):  # (the route's pattern matched the path: never the case)
+            raise not_found(f"no gateway endpoint {self.request.path}")
+        return self.request.method or "GET", uri[len(prefix):]
+
+    get = head = post = delete = patch = put = options = VerifyHandler.get
+
+
+def envoy_prefix(auth_prefix: str) -> str:
+    """The ``path_prefix`` Envoy is given: ``{auth_prefix}/verify/envoy``."""
+    return auth_prefix.rstrip("/") + "/verify/envoy"
+
+
+def routes(pattern: str, auth_prefix: str = "/auth") -> list[tuple[Any, ...]]:
+    """The verify route, at ``pattern`` (``auth_path("verify")``), and
+    Envoy's, every path under :func:`envoy_prefix`."""
+    return [(pattern, VerifyHandler), (re.escape(envoy_prefix(auth_prefix)) + "/(.*)", EnvoyVerifyHandler)]

@@ -96,6 +96,8 @@ class Session:
     @classmethod
     def from_record(cls, record: Record) -> "Session":
         known = _SESSION_FIELDS if cls is Session else frozenset(cls.__dataclass_fields__)
+        if record.keys() <= known:  # a record this version wrote: every key is a field
+            return cls(**record)
         return cls(**{k: v for k, v in record.items() if k in known})
 
     def to_record(self) -> Record:
