@@ -312,11 +312,17 @@ class RedisSessionStore(SessionStore):
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         found = self._scripts[script]
         client = self.client
-        async with self.guard():
-            try:  # EVALSHA straight away: the cheapest call on the hot path
-                return await client.evalsha(found.sha, len(keys), *keys, *args)
-            except NoScriptError:  # a restarted or flushed Redis (node): EVAL loads it again, one round trip
-                return await client.eval(found.script, len(keys), *keys, *args)
+        # (the hot path: Guard's work inlined, one coroutine layer fewer)
+        try:
+            async with asyncio.timeout(self._options.deadline):
+                try:  # EVALSHA straight away: the cheapest call on the hot path
+                    return await client.evalsha(found.sha, len(keys), *keys, *args)
+                except NoScriptError:  # a restarted or flushed Redis (node): EVAL loads it again, one round trip
+                    return await client.eval(found.script, len(keys), *keys, *args)
+        except RedisError as exc:
+            raise store_unavailable(exc) from None
+        except TimeoutError as late:
+            raise store_unavailable(late, "no answer in time") from None
 
     async def create(self, record: Record, ttl: float, max_per_user: int) -> list[Record]:
         b = self.base(self._tag(record))
