@@ -757,6 +757,8 @@ class _Supervisor:
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        log.info("supervisor pid %d: SIGHUP reloads the configuration, SIGUSR1 reopens the logs, "
+                 "SIGTERM stops (the pids below are its workers')", os.getpid())
         loop.run_until_complete(self._start())
         while True:
             loop.run_until_complete(self._next())

@@ -220,6 +220,8 @@ async def test_reloads_under_load_lose_no_request_and_apply_the_new_configuratio
                                   admin={"port": admin_port}) as gp:
             first_workers = await workers_of(gp, 2)
             await gp.wait_output("gateway listening on", 2)
+            # the pid to send SIGHUP to is in the log, beside its workers'
+            assert f"supervisor pid {gp.pid}: SIGHUP reloads" in gp.output()
             async with Client(gp.url) as c, Client(f"http://127.0.0.1:{admin_port}") as admin:
                 deadline = time.monotonic() + 20
                 while (await admin.request("GET", "/readyz")).code != 200:  # ready, before "stays ready"
