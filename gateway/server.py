@@ -238,14 +238,18 @@ class Acceptor:
                     continue
                 break
             taken += 1
-            try:
-                stream = IOStream(conn, max_buffer_size=self.server.max_buffer_size,
-                                  read_chunk_size=self.server.read_chunk_size)
-                self.server.handle_stream(stream, address)
-            except Exception:
-                log.exception("a new connection could not be served")
-                conn.close()
+            self.serve(conn, address)
         return taken
+
+    def serve(self, conn: socket.socket, address: Any) -> None:
+        """Hand an accepted connection to the HTTP server."""
+        try:
+            stream = IOStream(conn, max_buffer_size=self.server.max_buffer_size,
+                              read_chunk_size=self.server.read_chunk_size)
+            self.server.handle_stream(stream, address)
+        except Exception:
+            log.exception("a new connection could not be served")
+            conn.close()
 
     def close(self) -> None:
         """Stop accepting and close this process's descriptor of the socket
@@ -276,13 +280,7 @@ class Acceptor:
                 self.back_off(exc)
                 return
             self.accepted()
-            try:
-                stream = IOStream(conn, max_buffer_size=self.server.max_buffer_size,
-                                  read_chunk_size=self.server.read_chunk_size)
-                self.server.handle_stream(stream, address)
-            except Exception:
-                log.exception("a new connection could not be served")
-                conn.close()
+            self.serve(conn, address)
 
     def report(self, level: int, message: str, *args: Any) -> None:
         now = time.monotonic()
