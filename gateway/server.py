@@ -642,6 +642,8 @@ RETIRE_SIGNAL = signal.SIGUSR2
 _THREADS_GRACE = 2.0
 #: a reload's new worker must listen within this long, or the reload stops there
 READY_TIMEOUT = 60.0
+#: how long "reloaded" waits for the replaced workers to stop accepting
+QUIET_TIMEOUT = 5.0
 
 #: reads the configuration again for a reload: ``(config, problems)``
 Reader = Callable[[], "tuple[Config | None, list[str]]"]
@@ -654,10 +656,10 @@ def _ignore(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
 class WorkerStart:
     """What a new worker is given: its configuration, its slot's listening
     sockets, the admin listener's sockets (a one-worker gateway's worker
-    serves it) and the function it calls once it listens."""
+    serves it) and how it tells the supervisor that it listens."""
 
     def __init__(self, config: Config, sockets: list[socket.socket], admin_sockets: list[socket.socket],
-                 notify: Callable[[], None]) -> None:
+                 notify: "Notifier") -> None:
         self.config, self.sockets, self.admin_sockets, self.notify = config, sockets, admin_sockets, notify
 
 
@@ -715,7 +717,7 @@ class _Supervisor:
         self.executor = ThreadPoolExecutor(thread_name_prefix="gateway-supervisor")
         self.loop.set_default_executor(self.executor)
         self.io_loop: IOLoop | None = None
-        #: worker pid -> the read end of its "listening" pipe (-1 once read)
+        #: worker pid -> the read end of its pipe (-1 once it ended)
         self.children: dict[int, int] = {}
         self.slot_of: dict[int, int] = {}
         #: workers that said they listen (and are not retiring)
@@ -726,6 +728,8 @@ class _Supervisor:
         self.due: list[tuple[int, Config]] = [(slot, config) for slot in range(len(slots))]
         #: a reload waiting for a worker: pid -> set once it listens or exits
         self.waiting: dict[int, asyncio.Future[bool]] = {}
+        #: retiring workers: pid -> set once they accept no more (or exited)
+        self.quiet: dict[int, asyncio.Future[None]] = {}
         #: a reload's fork, by slot: set to the new worker's pid
         self.forked: dict[int, asyncio.Future[int]] = {}
         self.stopping = False
@@ -897,6 +901,7 @@ class _Supervisor:
             waiting.set_result(False)
         if self.admin is not None:
             self.admin.worker_exited(pid)
+        self.settle(pid)
         timer = self.retiring.pop(pid, None)
         if timer is not None:
             timer.cancel()
@@ -922,18 +927,28 @@ class _Supervisor:
             self.wake.set()
 
     def reported(self, pid: int, fd: int) -> None:
-        """A worker's pipe is readable: it listens (a byte), or it exited
-        before it did (the end of the pipe)."""
+        """A worker's pipe is readable: it listens (:data:`Notifier.LISTENING`),
+        it accepts no more (:data:`Notifier.QUIET`), or it exited (the end
+        of the pipe)."""
         try:
-            said = os.read(fd, 1)
+            said = os.read(fd, 16)
         except OSError:
             said = b""
-        self.forget_pipe(pid)
-        if said and pid in self.children and pid not in self.retiring:
+        if Notifier.LISTENING in said and pid in self.children and pid not in self.retiring:
             self.listening.add(pid)
+        if Notifier.QUIET in said or not said:
+            self.settle(pid)
+        if not said:
+            self.forget_pipe(pid)
         waiting = self.waiting.get(pid)
         if waiting is not None and not waiting.done():
-            waiting.set_result(bool(said))
+            waiting.set_result(Notifier.LISTENING in said)
+
+    def settle(self, pid: int) -> None:
+        """A retiring worker accepts no more."""
+        quiet = self.quiet.pop(pid, None)
+        if quiet is not None and not quiet.done():
+            quiet.set_result(None)
 
     def forget_pipe(self, pid: int) -> None:
         fd = self.children.get(pid, -1)
@@ -1031,6 +1046,11 @@ class _Supervisor:
             replaced += 1
             for pid_old in old:
                 self.retire(pid_old)
+        # "reloaded" once no worker of the previous configuration accepts
+        # a new connection any more.
+        quiet = [self.quiet[pid] for pid in self.retiring if pid in self.quiet]
+        if quiet:
+            await asyncio.wait(quiet, timeout=QUIET_TIMEOUT)
         log.info("reloaded: %d worker(s) serve the new configuration%s", replaced,
                  f" ({len(notes)} change(s) need a restart)" if notes else "")
 
@@ -1064,6 +1084,7 @@ class _Supervisor:
             return
         self.listening.discard(pid)
         self.retiring[pid] = self.loop.call_later(self.stop_timeout, self.kill, [pid])
+        self.quiet[pid] = self.loop.create_future()
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, RETIRE_SIGNAL)
 
@@ -1083,7 +1104,7 @@ class _Supervisor:
                 os.close(read_end)
                 self.in_child(slot)
                 admin_sockets = self.admin_sockets if self.admin is None else []
-                return WorkerStart(config, self.slots[slot], admin_sockets, _notifier(write_end))
+                return WorkerStart(config, self.slots[slot], admin_sockets, Notifier(write_end))
             os.close(write_end)
             self.children[pid] = read_end
             self.slot_of[pid] = slot
@@ -1130,18 +1151,36 @@ class _Supervisor:
         gc.freeze()
 
 
-def _notifier(fd: int) -> Callable[[], None]:
-    """What a worker calls once it listens: one byte to the supervisor."""
+class Notifier:
+    """A worker's pipe to the supervisor: one byte once it listens, one
+    once a reload's retirement has stopped its accepting; the pipe's end
+    (the worker exited) says the rest."""
 
-    def listening() -> None:
-        nonlocal fd
-        if fd >= 0:
+    LISTENING = b"L"
+    QUIET = b"Q"
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def _say(self, what: bytes) -> None:
+        if self.fd >= 0:
+            try:
+                os.write(self.fd, what)
+            except OSError:
+                self.close()
+
+    def listening(self) -> None:
+        self._say(self.LISTENING)
+
+    def quiet(self) -> None:
+        self._say(self.QUIET)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
             with contextlib.suppress(OSError):
-                os.write(fd, b"1")
-                os.close(fd)
-            fd = -1
-
-    return listening
+                os.close(self.fd)
+            self.fd = -1
 
 
 def supervise(config: Config, slots: list[list[socket.socket]], *, burst: int = 10, window: float = 60.0,
@@ -1217,11 +1256,11 @@ def serve(config: Config, *, demo_upstream: str | None = None, reader: Reader | 
 
 
 async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: str | None, *,
-                  admin_sockets: Sequence[socket.socket] = (), notify: Callable[[], None] | None = None) -> int:
+                  admin_sockets: Sequence[socket.socket] = (), notify: Notifier | None = None) -> int:
     """Serve until SIGTERM/SIGINT (a stop) or :data:`RETIRE_SIGNAL` (a
     reload replaced this worker).  ``admin_sockets``: the admin listener of
     a one-worker gateway; ``notify``: tells the supervisor that this worker
-    listens."""
+    listens, and when a reload's retirement has stopped its accepting."""
     from gateway.app import Gateway
     from gateway.web import make_app
 
@@ -1286,7 +1325,7 @@ async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: s
              type(loop).__module__.split(".")[0])
     print(f"gateway listening on http://{config.server.host}:{port}", flush=True)
     if notify is not None:
-        notify()
+        notify.listening()
     await retire.wait()
     replaced = not stop.is_set()
 
@@ -1320,6 +1359,8 @@ async def _worker(config: Config, sockets: list[socket.socket], demo_upstream: s
         if not replaced:
             taken += acceptor.sweep()
         acceptor.close()
+    if notify is not None:
+        notify.quiet()  # (on a reload, the supervisor's "reloaded" waits for it)
     idle = server.drain()
     log.info("%s: no new connections; %d request(s) in flight; %d idle connection(s) closed%s",
              "replaced" if replaced else "stopping", max(server.requests_in_progress(), gw.requests_in_flight),

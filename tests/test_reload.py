@@ -198,7 +198,8 @@ class ReadyzWatch:
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # (after a failure the gateway may be gone first: its refusal must not hide the failure)
+            with contextlib.suppress(asyncio.CancelledError, OSError):
                 await self.task
             self.task = None
         self.client.close()
