@@ -11,7 +11,6 @@ import ipaddress
 import json
 import logging
 import re
-import secrets
 from functools import cached_property
 from typing import Any, Awaitable, Sequence
 from urllib.parse import urlsplit
@@ -25,6 +24,7 @@ from gateway.app import Gateway
 from gateway import audit, metrics
 from gateway.errors import GatewayError, StoreUnavailable, error_body_for_status, invalid_request, unauthenticated
 from gateway.plugins import plugin_failure
+from gateway.proxy.policy import new_id
 from gateway.ratelimit import RateLimited
 from gateway.sessions.manager import Session, SupersededToken
 
@@ -312,7 +312,7 @@ class BaseHandler(tornado.web.RequestHandler):
         rid = getattr(self, "_request_id", None)
         if rid is None:
             given = self.request.headers.get("X-Request-Id", "")
-            rid = given if _REQUEST_ID.match(given) else secrets.token_hex(16)
+            rid = given if _REQUEST_ID.match(given) else new_id(128)
             self._request_id = rid
         return rid
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import random
 import re
 from typing import Iterable, Sequence
 from urllib.parse import unquote, unquote_plus
@@ -312,11 +313,16 @@ def valid_traceparent(value: str | None) -> str | None:
     return value
 
 
+def new_id(bits: int) -> str:
+    """A random non-zero id of ``bits`` bits in lower-case hex, for request
+    and trace ids: unique, not secret (no system call per request; the
+    generator is reseeded in every forked worker)."""
+    return f"{random.getrandbits(bits) or 1:0{bits // 4}x}"
+
+
 def new_traceparent() -> str:
     """A ``traceparent`` starting a new, sampled trace."""
-    import secrets
-
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    return f"00-{new_id(128)}-{new_id(64)}-01"
 
 
 def with_trace_context(headers: Headers, incoming: str | None) -> tuple[Headers, str]:
