@@ -238,7 +238,8 @@ async def test_reloads_under_load_lose_no_request_and_apply_the_new_configuratio
                                                                       route("/extra/", upstream.url)]}))
                 gp.send_signal(signal.SIGHUP)
                 await gp.wait_output("reloaded:", 1)
-                assert await status_of(c, "/extra/x") == 200
+                # once it says so, no new connection reaches a worker of the old configuration
+                assert [await status_of(c, "/extra/x") for _ in range(20)] == [200] * 20
                 assert any(seen.path == "/extra/x" for seen in upstream.seen)
                 after_first = load.ok
                 await answered_more(load, after_first + 200)
