@@ -114,6 +114,8 @@ class Gateway:
         #: set when a graceful stop begins: responses then carry Connection: close
         self.draining = False
         self.socket_watcher: Any = None
+        #: when (time.monotonic()) a request was last answered 503 for a store that failed
+        self.store_failed_at = float("-inf")
 
     async def start(self) -> None:
         """Open the stores and set up providers and plugins."""

@@ -173,6 +173,15 @@ def _encryption_key(value: Any) -> str:
     return value
 
 
+def _listen_host(value: Any) -> str:
+    """An address to listen on; never empty, which would mean every
+    interface without saying so."""
+    host = STR(value).strip()
+    if not host:
+        raise ValueError('expected an address such as "127.0.0.1" ("0.0.0.0" or "::" listens on every interface)')
+    return host
+
+
 def _optional_domain(value: Any) -> str:
     if value == "":
         return ""
@@ -219,7 +228,7 @@ def _validated(cls: Callable[..., C], where: str, options: list[Option], table: 
 class ServerConfig:
     """``[server]``: the listening side."""
 
-    host: str = option(STR, "127.0.0.1", "address to listen on")
+    host: str = option(_listen_host, "127.0.0.1", "address to listen on (\"0.0.0.0\" or \"::\": every interface)")
     port: int = option(_port, 8080, "port to listen on")
     workers: int = option(at_least(INT, 1), 1, "processes to fork (needs a shared session store when above 1)")
     auth_prefix: str = option(_prefix, "/auth", "path prefix of the gateway's own endpoints")
@@ -247,7 +256,7 @@ _ANY_ADDRESS = ("", "0.0.0.0", "::")
 class AdminConfig:
     """``[admin]``: the operators' listener (health, readiness, metrics)."""
 
-    host: str = option(STR, "127.0.0.1", "address of the admin listener (/healthz, /readyz, /metrics, which need no token): keep it private")
+    host: str = option(_listen_host, "127.0.0.1", "address of the admin listener (/healthz, /readyz, /metrics, which need no token): keep it private")
     port: int = option(_port, 9091, "port of the admin listener; 0 = no admin listener (one for all workers: the supervisor's)")
     token: str = option(_admin_token, "", "bearer token of the operator API under /admin/ (at least 16 characters), best given as token_env; without one that API answers 404", secret=True)
     presence_window: float = option(POSITIVE_DURATION, "2m", "the operator API's presence: a user is online while a live session of theirs was used within this window (never less than sessions.touch_interval + 3s, the precision of last_seen_at) or holds an open WebSocket")

@@ -734,6 +734,8 @@ class _Supervisor:
         self.forked: dict[int, asyncio.Future[int]] = {}
         self.stopping = False
         self.failed = False
+        #: a worker has listened: until then, one that exits is a start-up failure, not restarted
+        self.started = False
         self.restarts: list[float] = []
         self.wake = asyncio.Event()
         self.kill_timer: asyncio.TimerHandle | None = None
@@ -909,6 +911,11 @@ class _Supervisor:
             return
         if self.stopping or waiting is not None:  # a reload's new worker that failed: the reload says so
             return
+        if not self.started:  # (its log says why: a restart would fail the same way)
+            log.error("worker %d exited with %d before any worker started: stopping", pid, code)
+            self.failed = True
+            self.stop()
+            return
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < self.window] + [now]
         if len(self.restarts) > self.burst:
@@ -936,6 +943,7 @@ class _Supervisor:
             said = b""
         if Notifier.LISTENING in said and pid in self.children and pid not in self.retiring:
             self.listening.add(pid)
+            self.started = True
         if Notifier.QUIET in said or not said:
             self.settle(pid)
         if not said:

@@ -214,18 +214,45 @@ async def test_serve_with_two_workers_shares_sessions_and_stops_on_sigterm(tmp_p
         s.listen()
 
 
-def test_supervisor_gives_up_on_a_crash_loop_with_a_failure_status():
-    """Workers that keep dying: restarted a few times, then the supervisor
-    stops and exits 1, so a service manager sees the failure."""
+def _crashing_workers(listen_first: bool) -> subprocess.CompletedProcess[str]:
     script = ("import sys\nfrom gateway.config import load_config\n"
               "from gateway.server import open_slots, supervise\n"
               "config = load_config(data={'server': {'workers': 2}, 'sessions': {'store': 'redis'}, 'admin': {'port': 0}})\n"
-              "supervise(config, open_slots('127.0.0.1', 0, 2), burst=2, window=60)\n"
+              "start = supervise(config, open_slots('127.0.0.1', 0, 2), burst=2, window=60)\n"
+              + ("start.notify.listening()\n" if listen_first else "") +
               "sys.exit(3)  # only workers get here\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+
+
+def test_supervisor_gives_up_on_a_crash_loop_with_a_failure_status():
+    """Workers that keep dying once they served: restarted a few times, then
+    the supervisor stops and exits 1, so a service manager sees the failure."""
+    done = _crashing_workers(listen_first=True)
     assert done.returncode == 1, done.stderr
     assert done.stderr.count("starting another") == 2
-    assert "stopping" in done.stderr
+    assert "restarts within 60s: stopping" in done.stderr
+
+
+def test_a_worker_that_cannot_start_stops_the_gateway_at_once():
+    """A worker that fails before any worker ever listened (an unusable
+    profile store, a bad plugin setting) would fail again: no restarts,
+    exit 1 at once."""
+    done = _crashing_workers(listen_first=False)
+    assert done.returncode == 1, done.stderr
+    assert "starting another" not in done.stderr
+    assert "exited with 3 before any worker started: stopping" in done.stderr
+
+
+def test_an_unusable_sqlite_path_stops_serve_at_once_naming_the_setting(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[profiles]\nsqlite_path = "{blocker}/profiles.db"\n[server]\nport = 0\n[admin]\nport = 0\n')
+    done = subprocess.run([str(ROOT / "bin" / "gateway"), "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert "starting another" not in done.stderr
+    assert f"cannot open the SQLite profile store at '{blocker}/profiles.db' (profiles.sqlite_path)" in done.stderr
 
 
 @pytest.mark.gen_test(timeout=60)

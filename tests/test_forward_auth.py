@@ -12,6 +12,8 @@ The last section asks ``/auth/verify/envoy/<original path>`` as Envoy's HTTP
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +30,7 @@ from gateway import hookimpl
 from gateway.api import GatewayError, Principal
 from gateway.plugins import get_plugin_manager
 from gateway.proxy import policy
-from gateway.testing import (RunningGateway, Upstream, assert_error, base_config, body, cookie_header,
+from gateway.testing import (RedisServer, RunningGateway, Upstream, assert_error, base_config, body, cookie_header,
                              cookie_value, free_port)
 from gateway.testing.nginx import Nginx, NginxMissing, find_nginx
 from password_support import PasswordClient
@@ -231,6 +233,35 @@ async def test_through_nginx_logout_takes_effect_at_once(edge, upstream):
     cleared = cookie_header(r)
     assert cleared is not None and cookie_value(r) in ("", '""') and "expires=" in cleared.lower()
     assert len(upstream.seen) == before
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_through_nginx_a_hung_session_store_is_one_503_within_about_a_second(
+        nginx_binary, make_gateway, upstream, tmp_path):
+    """nginx asks twice about a refusal: the second question must not wait
+    for the hung store again (the client would wait two deadlines)."""
+    (tmp_path / "redis").mkdir()
+    with RedisServer(tmp_path / "redis") as redis:
+        rg = await start(make_gateway, upstream, tmp_path / "gw", sessions={"store": "redis", "redis_url": redis.url})
+        with shipped_nginx(tmp_path / "nginx", rg.port, upstream.port) as nginx:
+            client = PasswordClient(nginx.url)
+            try:
+                token = (await client.register())["token"]
+                assert (await client.request("GET", "/api/x", token=token)).code == 200
+                assert redis.proc is not None
+                redis.proc.send_signal(signal.SIGSTOP)  # accepts, never answers
+                try:
+                    for _ in range(3):
+                        began = time.monotonic()
+                        r = await client.request("GET", "/api/x", token=token)
+                        took = time.monotonic() - began
+                        assert_error(r, 503, "unavailable")
+                        assert took < 1.8, f"{took:.2f} s: the hung store was waited for twice"
+                finally:
+                    redis.proc.send_signal(signal.SIGCONT)
+                assert (await client.request("GET", "/api/x", token=token)).code == 200  # and back at once
+            finally:
+                client.close()
 
 
 @pytest.mark.gen_test

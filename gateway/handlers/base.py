@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import re
+import time
 from functools import cached_property
 from typing import Any, Awaitable, Sequence
 from urllib.parse import urlsplit
@@ -236,6 +237,8 @@ class BaseHandler(tornado.web.RequestHandler):
             metrics.error_rendered(exc.status, exc.limit if isinstance(exc, RateLimited) else exc.code,
                                    exc.store if isinstance(exc, StoreUnavailable) else None)
             self.rendered_error = exc
+            if isinstance(exc, StoreUnavailable):
+                self.gateway.store_failed_at = time.monotonic()
             body = exc.body()
             for name, value in exc.headers.items():
                 self.set_header(name, value)

@@ -40,9 +40,10 @@ own answer (204, never 200) at once.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, ClassVar, Mapping
 
-from gateway.errors import GatewayError, invalid_request, not_found
+from gateway.errors import GatewayError, StoreUnavailable, invalid_request, not_found
 from gateway.openapi import Operation
 from gateway.proxy import policy
 from gateway.proxy.handler import ProxyHandler
@@ -51,6 +52,8 @@ from gateway.proxy.handler import ProxyHandler
 ORIGINAL_HEADERS = (("X-Original-Method", "X-Original-URI"), ("X-Forwarded-Method", "X-Forwarded-Uri"))
 #: the original methods verify judges (those the proxy forwards)
 METHODS = frozenset(ProxyHandler.SUPPORTED_METHODS)
+#: how long after a store failure the proxy's second question is answered 503 without the store
+STORE_FAILURE_MEMORY = 1.0
 _TOKEN = re.compile(r"^[A-Z]{1,16}$")
 
 
@@ -96,6 +99,11 @@ class VerifyHandler(ProxyHandler):
             raise GatewayError(
                 "forbidden", "forward auth answers only proxies listed in server.trusted_proxies; this peer "
                 f"({self.request.remote_ip}) is not one, so no original method or URI it names is believed")
+        if self._second_question() and time.monotonic() - self.gateway.store_failed_at < STORE_FAILURE_MEMORY:
+            # A store just failed (the likely reason of the refusal asked about): the answer the
+            # client gets, at once, instead of a second wait for a store that does not answer.
+            raise StoreUnavailable("session store", log_message="a store failed a moment ago: the proxy's second "
+                                   "question is answered without asking it again")
         method, uri = self._original()
         self._check_upgrade_and_cookie()
         path = uri.split("?", 1)[0]
