@@ -991,10 +991,11 @@ def read_config(
     if not isinstance(providers, dict):
         problems.append("providers: expected a table of [providers.<name>] tables")
         providers = {}
-    problems.extend(sessions.check(server))
-    problems.extend(profiles.check())
-    problems.extend(admin.check(server))
-    problems.extend(logs.check())
+    # Combinations, except those naming a key already refused (they would judge its default)
+    refused = {problem.split(":", 1)[0] for problem in problems}
+    combined = [*sessions.check(server), *profiles.check(), *admin.check(server), *logs.check()]
+    problems.extend(problem for problem in combined
+                    if not any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", problem) for key in refused))
     config = Config(server=server, sessions=sessions, profiles=profiles, plugins=plugins, consent=consent, admin=admin, assertion=assertion, logging=logs, tracing=tracing, routes=routes,
                     rate_limits=rate_limits, providers=providers, path=path, environ=env)
     return config, problems

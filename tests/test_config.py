@@ -771,3 +771,16 @@ def test_the_redis_mode_options_are_declared_with_defaults():
 ])
 def test_redis_mode_problems_name_their_key(sessions, key):
     assert_named(problems_of({"sessions": sessions}, environ={}), key)
+
+
+def test_a_refused_option_is_not_judged_again_by_its_default_in_a_combination():
+    _, problems = read_config(data={"sessions": {"idle_timeout": "30 minutes", "touch_interval": "10m"}}, environ={})
+    assert len(problems) == 1 and problems[0].startswith("sessions.idle_timeout: expected a duration"), problems
+    _, problems = read_config(data={"sessions": {"idle_timeout": "5m", "touch_interval": "10m"}}, environ={})
+    assert [p.split(":")[0] for p in problems] == ["sessions.touch_interval"], problems
+
+
+def test_an_empty_listen_address_is_refused():
+    _, problems = read_config(data={"server": {"host": ""}, "admin": {"host": " "}}, environ={})
+    assert [p.split(":")[0] for p in problems] == ["server.host", "admin.host"], problems
+    assert '"0.0.0.0" or "::" listens on every interface' in problems[0]
