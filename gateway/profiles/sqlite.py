@@ -327,9 +327,9 @@ class SQLiteProfileStore(ProfileStore):
         except (sqlite3.Error, OSError) as exc:
             if conn is not None:
                 conn.close()
-            # (at start-up the operator's own setting is named, for the log only)
-            raise StoreUnavailable(_WHAT, log_message=f"cannot open the SQLite profile store at {self.path!r} "
-                                   f"(profiles.sqlite_path): {_unavailable(exc, 'open').detail}") from None
+            # (the setting is named; never its path, as no message of this store names one)
+            raise StoreUnavailable(_WHAT, log_message="cannot open the SQLite profile store (profiles.sqlite_path): "
+                                   f"{_unavailable(exc, 'open').detail}") from None
 
     # -- plumbing ----------------------------------------------------------
 
