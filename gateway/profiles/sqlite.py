@@ -132,18 +132,21 @@ def _merge(current: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _unavailable(exc: BaseException, action: str) -> StoreUnavailable:
-    """A StoreUnavailable whose log message names the failure, not SQL or paths."""
+def _failure(exc: BaseException) -> str:
+    """What failed, without SQL or paths."""
     if isinstance(exc, sqlite3.Error):
         # sqlite3 messages describe the failure ("unable to open database
         # file", "database is locked", "disk I/O error"), never the path.
-        detail = f"{type(exc).__name__}: {exc}"
-    elif isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
         # str(OSError) includes the file name; strerror does not.
-        detail = f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
-    else:
-        detail = type(exc).__name__
-    return StoreUnavailable(_WHAT, log_message=f"sqlite {action} failed: {detail}")
+        return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
+    return type(exc).__name__
+
+
+def _unavailable(exc: BaseException, action: str) -> StoreUnavailable:
+    """A StoreUnavailable whose log message names the failure, not SQL or paths."""
+    return StoreUnavailable(_WHAT, log_message=f"sqlite {action} failed: {_failure(exc)}")
 
 
 # -- plugins' records (worker thread) ----------------------------------------------
@@ -329,7 +332,7 @@ class SQLiteProfileStore(ProfileStore):
                 conn.close()
             # (the setting is named; never its path, as no message of this store names one)
             raise StoreUnavailable(_WHAT, log_message="cannot open the SQLite profile store (profiles.sqlite_path): "
-                                   f"{_unavailable(exc, 'open').detail}") from None
+                                   f"sqlite open failed: {_failure(exc)}") from None
 
     # -- plumbing ----------------------------------------------------------
 
